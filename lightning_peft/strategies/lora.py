@@ -1,0 +1,92 @@
+"""LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_peft.layers import AdaptedLinear, Delta
+from lightning_peft.strategies.base import LayerStrategy, check_positive, check_probability, register_strategy
+from lightning_peft.targets import ALL_LINEAR, check_patterns
+
+
+class LoRADelta(Delta):
+    """``B A x * scaling`` with A (r, in) and B (out, r)."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
+                 init_weights: bool = True) -> None:
+        super().__init__()
+        self.r = r
+        self.scaling = scaling
+        self.dropout = dropout
+        self.lora_A = nn.Parameter(torch.empty(r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
+        # Section 4.1 of the paper: random A, zero B, so the adapted model starts equal to the base model.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if not init_weights:  # non-zero B: useful in tests that need a delta from step 0
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.linear(x.to(self.lora_A.dtype), self.lora_A)
+        return F.linear(h * self.scaling, self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout}"
+
+
+@register_strategy
+@dataclass
+class LoRA(LayerStrategy):
+    """Low-rank update ``W + (alpha / r) B A`` on chosen linear layers.
+
+    Args:
+        r: rank of the update.
+        alpha: scale numerator; the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: dropout on the layer input of the LoRA branch (one mask per input tensor, see
+            :func:`lightning_peft.layers.shared_dropout`).
+        target_modules: exact names or dotted suffixes (``["query", "value"]``), a regex matching the whole
+            qualified name, or ``"all-linear"`` (every linear except the output head; QLoRA, Section 4, found
+            adapting all linears necessary to match full fine-tuning).
+        exclude_modules: names or regex of modules never adapted.
+        use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) so larger ranks keep learning.
+        init_weights: ``True`` for the paper's init (B = 0); ``False`` draws B at random (for tests).
+
+    Example:
+        >>> LoRA(r=8, alpha=16, target_modules=["query", "value"])
+        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True)
+    """
+
+    name = "lora"
+    prefix = "lora_"
+
+    r: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = ALL_LINEAR
+    exclude_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive(self.r, "r")
+        check_positive(self.alpha, "alpha", integer=False)
+        check_probability(self.dropout, "dropout")
+        check_patterns(self.target_modules, "target_modules")
+        check_patterns(self.exclude_modules, "exclude_modules")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def make_delta(self, layer: AdaptedLinear, name: str) -> LoRADelta:
+        return LoRADelta(layer.in_features, layer.out_features, self.r, self.scaling, self.dropout,
+                         self.init_weights)

@@ -1,0 +1,133 @@
+"""Tiny real models and a tiny Lightning setup shared by the tests (all CPU, built from configs)."""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=128, num_labels=num_labels)
+    cfg.update(overrides)
+    return BertForSequenceClassification(BertConfig(**cfg)).eval()
+
+
+def tiny_gpt2(seed: int = 0, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+    cfg.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def tiny_t5(seed: int = 0, **overrides):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=VOCAB, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+               decoder_start_token_id=0, pad_token_id=0)
+    cfg.update(overrides)
+    return T5ForConditionalGeneration(T5Config(**cfg)).eval()
+
+
+def save_and_reload(model, tmp_path, cls=None):
+    """Round-trip through save_pretrained / from_pretrained, the real loading path."""
+    path = os.path.join(str(tmp_path), "base")
+    model.save_pretrained(path)
+    cls = cls or type(model)
+    return cls.from_pretrained(path).eval(), path
+
+
+def token_batch(batch: int = 4, length: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g)
+
+
+class ClassifierModule(L.LightningModule):
+    """A LightningModule that knows nothing of PEFT: wraps an HF sequence classifier."""
+
+    def __init__(self, model=None, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.model = model if model is not None else tiny_bert()
+        self.lr = lr
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch, batch_idx):
+        input_ids, labels = batch
+        loss = torch.nn.functional.cross_entropy(self(input_ids), labels)
+        self.log("train_loss", loss, prog_bar=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        input_ids, labels = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(input_ids), labels))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class CausalLMModule(L.LightningModule):
+    """A plain causal-LM LightningModule (the loss comes from the HF model's ``labels``)."""
+
+    def __init__(self, model=None, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.model = model if model is not None else tiny_llama()
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        (input_ids,) = batch
+        out = self.model(input_ids=input_ids, labels=input_ids)
+        self.log("train_loss", out.loss)
+        return out.loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+def classification_data(n: int = 64, length: int = 12, seed: int = 0) -> TensorDataset:
+    """A learnable toy task: the label is whether token 7 appears in the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(8, VOCAB, (n, length), generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x[y == 1, 3] = 7
+    return TensorDataset(x, y)
+
+
+def lm_data(n: int = 32, length: int = 12, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(1, VOCAB - length, (n, 1), generator=g)
+    return TensorDataset(start + torch.arange(length))  # counting sequences: easy to learn
+
+
+def loader(dataset, batch_size: int = 8, shuffle: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=0)
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_steps=10, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                    deterministic=True, num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
