@@ -291,10 +291,11 @@ def adapt_linear(model: nn.Module, name: str, state: AdapterState) -> AdaptedLin
 
 
 def restore_linear(model: nn.Module, name: str) -> None:
-    """Put the base layer back when an :class:`AdaptedLinear` holds no delta any more."""
+    """Put the base layer back when an :class:`AdaptedLinear` holds no delta and no hook (e.g. an Adapter's) any more."""
     from lightning_peft.targets import get_submodule_parent
 
     module = model.get_submodule(name)
-    if isinstance(module, AdaptedLinear) and len(module.adapters) == 0:
+    if (isinstance(module, AdaptedLinear) and len(module.adapters) == 0 and not module._forward_hooks
+            and not module._forward_pre_hooks):
         parent, child = get_submodule_parent(model, name)
         setattr(parent, child, module.base_layer)

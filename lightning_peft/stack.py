@@ -11,7 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
-from lightning_peft.layers import AdaptedLinear, get_state
+from lightning_peft.kbit import logical_numel, memory_report, merge_quantized_layer, unmerge_quantized_layer
+from lightning_peft.layers import AdaptedLinear, get_state, is_quantized
+from lightning_peft.quantization import (
+    Quantization,
+    detect_quantization,
+    keep_standard_layout,
+    plan_quantization,
+    quantize_model,
+)
 from lightning_peft.strategies.base import Applied, ApplyContext, Strategy, strategy_from_config
 from lightning_peft.targets import check_patterns, name_matches
 
@@ -65,6 +73,7 @@ class PeftStack:
         self.ctx = ctx
         self.applied: list[Applied] = []
         self.unfrozen: list[Tensor] = []
+        self.quantization: Quantization | None = None
         self._saved_requires_grad: dict[int, tuple[Tensor, bool]] = {}
 
     # -- ownership -----------------------------------------------------------------------------------------
@@ -149,14 +158,31 @@ class PeftStack:
         finally:
             state.active = previous
 
-    def merge(self) -> None:
-        """Fold every mergeable delta into the base weights; the model's output is unchanged."""
+    def merge(self, requantize: bool = False) -> dict[str, float]:
+        """Fold every mergeable delta into the base weights; the model's output is unchanged.
+
+        A quantized (bitsandbytes) base is dequantized and the deltas added; the merged layer stays in full
+        precision (an ``nn.Linear`` in the model's float dtype), or with ``requantize=True`` is quantized
+        again with the same settings, which adds rounding error (see
+        :func:`~lightning_peft.quantization.merge_quantized_layer`). ``unmerge`` restores the quantized base.
+
+        Returns:
+            Per quantized layer name, the relative weight error re-quantization added (0.0 in full precision).
+        """
+        errors: dict[str, float] = {}
+        names = {id(m): n for n, m in self.model.named_modules()}
+        dtype = _float_dtype(self.model)
         for layer in self.adapted_layers():
-            layer.merge(self.name)
+            if is_quantized(layer.base_layer):
+                errors[names[id(layer)]] = merge_quantized_layer(layer, self.name, requantize, dtype)
+            else:
+                layer.merge(self.name)
+        return errors
 
     def unmerge(self) -> None:
         for layer in self.adapted_layers():
-            layer.unmerge(self.name)
+            if not unmerge_quantized_layer(layer, self.name):
+                layer.unmerge(self.name)
 
     @property
     def merged(self) -> bool:
@@ -172,6 +198,7 @@ class PeftStack:
             "name": self.name,
             "strategies": [s.config() for s in self.strategies],
             "unfreeze": list(self.unfreeze),
+            "quantization": self.quantization.config() if self.quantization is not None else None,
         }
 
     def describe_short(self) -> str:
@@ -202,7 +229,7 @@ class PeftStack:
 
     def summary(self) -> str:
         """A table of trainable parameters per strategy and per module type against the model's total."""
-        total = sum(p.numel() for p in self.model.parameters())
+        total = sum(logical_numel(p) for p in self.model.parameters())  # packed 4-bit: 2+ per element
         trainable = sum(p.numel() for p in self.trainable_parameters())
         rows = self.summary_rows()
         lines = [f"{'strategy':<22}{'modules':>9}{'trainable':>14}{'% of total':>12}"]
@@ -213,6 +240,11 @@ class PeftStack:
             lines.append(f"{label:<22}{count:>9}{n:>14,}{100 * n / max(total, 1):>11.3f}%")
         lines.append(f"{'trainable / total':<22}{'':>9}{trainable:>14,}{100 * trainable / max(total, 1):>11.3f}%"
                      f"  of {total:,}")
+        memory = memory_report(self.model)
+        lines.append(f"{'weights':<22}{'':>9}{'parameters':>14}{'MiB':>12}{'bits/param':>12}")
+        for label, (nbytes, n) in memory.items():
+            if n:
+                lines.append(f"{label:<22}{'':>9}{n:>14,}{nbytes / 2**20:>12.3f}{8 * nbytes / n:>12.3f}")
         return "\n".join(lines)
 
     # -- removal -------------------------------------------------------------------------------------------
@@ -250,6 +282,7 @@ def apply_peft(
     *,
     unfreeze: Sequence[str] | str | None = None,
     name: str = DEFAULT_SET,
+    quantize: Quantization | None = None,
 ) -> PeftStack:
     """Apply ``strategies`` in order to ``model`` and freeze everything they do not own.
 
@@ -262,6 +295,8 @@ def apply_peft(
         unfreeze: names (exact or dotted suffix) or a regex of modules or parameters to train fully, e.g. a new
             classification head.
         name: adapter set name; several sets can live on one model.
+        quantize: quantize the backbone with bitsandbytes first (never the ``unfreeze`` modules nor the output
+            head), then inject, so adapters stay unquantized. Quantization is not undone if a later step fails.
 
     Example:
         >>> stack = apply_peft(model, [LoRA(r=8, target_modules=["q_proj", "v_proj"])])
@@ -292,9 +327,14 @@ def apply_peft(
 
     unfreeze_names = resolve_unfreeze(model, unfreeze)
     ctx = ApplyContext(set_name=name, state=state, skip_modules=set(unfreeze_names))
+    to_quantize = plan_quantization(model, quantize, unfreeze_names) if quantize is not None else []
     plans = [s.plan(model, ctx) for s in strategies]  # validation only: nothing is modified yet
+    if to_quantize:  # quantize first, inject after: adapters are never quantized
+        quantize_model(model, quantize, unfreeze_names)  # type: ignore[arg-type]
+    keep_standard_layout(model)
 
     stack = PeftStack(model, strategies, unfreeze_names, name, ctx)
+    stack.quantization = quantize or detect_quantization(model)
     for p in model.parameters():
         stack._saved_requires_grad[id(p)] = (p, p.requires_grad)
     try:
@@ -322,6 +362,16 @@ def apply_peft(
     state.stacks[name] = stack
     state.active = name
     return stack
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a merged full-precision layer takes: the input embeddings' (else the first float parameter's)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, Tensor) and weight.is_floating_point():
+        return weight.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _module_or_param(model: nn.Module, name: str) -> nn.Module | nn.Parameter:

@@ -1,0 +1,90 @@
+"""``PEFTMixin``: PEFT as part of a LightningModule you write yourself."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lightning_peft.callbacks.checkpointing import (
+    check_checkpoint,
+    check_optimizer_coverage,
+    peft_target,
+    trim_checkpoint,
+)
+from lightning_peft.layers import get_state
+from lightning_peft.stack import DEFAULT_SET, PeftStack, apply_peft
+from lightning_peft.strategies.base import Strategy, strategy_from_config
+
+
+class PEFTMixin:
+    """Mix into a ``LightningModule`` (before it in the bases) to fine-tune its backbone parameter-efficiently.
+
+    The strategies are constructor arguments (typed, so LightningCLI can configure them); the stack is
+    applied in ``configure_model`` (idempotent: it also runs for validate/test and ``load_from_checkpoint``);
+    ``configure_optimizers`` defaults to AdamW over the trainable parameters only; checkpoints hold the
+    adapter state only. Build the backbone in ``__init__``, or in your own ``configure_model`` before calling
+    ``super().configure_model()``.
+
+    Example:
+        >>> class Classifier(PEFTMixin, L.LightningModule):
+        ...     def __init__(self, strategies: list[Strategy], lr: float = 1e-3):
+        ...         super().__init__(strategies=strategies, unfreeze=["classifier"], lr=lr)
+        ...         self.model = AutoModelForSequenceClassification.from_pretrained(path)
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        strategies: Sequence[Strategy] = (),
+        unfreeze: list[str] | str | None = None,
+        model_attr: str | None = "model",
+        adapter_name: str = DEFAULT_SET,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.peft_strategies = [strategy_from_config(s) for s in strategies]
+        self.peft_unfreeze = unfreeze
+        self.peft_model_attr = model_attr
+        self.peft_adapter_name = adapter_name
+        self.peft_lr = lr
+        self.peft_weight_decay = weight_decay
+        # adapter-only state dicts load into the full module; on_load_checkpoint checks completeness
+        self.strict_loading = False
+
+    @property
+    def peft_stack(self) -> PeftStack | None:
+        state = get_state(peft_target(self, self.peft_model_attr))  # type: ignore[arg-type]
+        return state.stacks.get(self.peft_adapter_name) if state is not None else None
+
+    def peft_apply_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for :func:`apply_peft` (subclasses add e.g. ``quantize``)."""
+        return {}
+
+    def configure_model(self) -> None:
+        if self.peft_stack is None:
+            apply_peft(peft_target(self, self.peft_model_attr), self.peft_strategies,  # type: ignore[arg-type]
+                       unfreeze=self.peft_unfreeze, name=self.peft_adapter_name, **self.peft_apply_kwargs())
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        return torch.optim.AdamW(params, lr=self.peft_lr, weight_decay=self.peft_weight_decay)
+
+    def on_fit_start(self) -> None:
+        check_optimizer_coverage(self.trainer, self)  # type: ignore[attr-defined,arg-type]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stack = self.peft_stack
+        if stack is not None:
+            trim_checkpoint(self, stack, checkpoint, self.peft_model_attr)  # type: ignore[arg-type]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.peft_stack is None:
+            self.configure_model()
+        check_checkpoint(self, self.peft_stack, checkpoint)  # type: ignore[arg-type]
+
+
+__all__ = ["PEFTMixin"]
