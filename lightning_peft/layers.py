@@ -50,6 +50,37 @@ class _DropoutCache(threading.local):
 _DROPOUT = _DropoutCache()
 
 
+class _BitsDropout(torch.autograd.Function):
+    """Inverted dropout from 16 random bits per element (CPU): about 3x cheaper than ``F.dropout`` there.
+
+    The keep mask is ``bits >= round(p * 2**16) - 2**15`` on uniform int16 words drawn 4 per int64 from
+    torch's generator (so ``torch.manual_seed`` governs it), i.e. an element is dropped with probability
+    ``round(p * 65536) / 65536`` (|error| <= 7.7e-6; exact for p = 0.05 up to 3e-6). Only the bool mask is
+    saved for backward, as in ``F.dropout``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, p: float) -> Tensor:
+        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
+        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= (round(p * 65536) - 32768)
+        scale = 1.0 / (1.0 - round(p * 65536) / 65536)
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep.to(x.dtype) * scale if x.dtype != torch.float32 else (x * keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (keep,) = ctx.saved_tensors
+        return (grad * keep).mul_(ctx.scale), None
+
+
+def dropout(x: Tensor, p: float) -> Tensor:
+    """Training-mode inverted dropout: the random-bits kernel on the CPU, ``F.dropout`` elsewhere."""
+    if x.device.type == "cpu" and x.is_floating_point():
+        return _BitsDropout.apply(x, p)
+    return F.dropout(x, p, True)
+
+
 def shared_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Dropout whose mask is shared by every delta that reads the same input tensor in one forward pass.
 
@@ -63,10 +94,10 @@ def shared_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     try:
         version = x._version
     except RuntimeError:  # inference tensors have no version counter
-        return F.dropout(x, p, True)
+        return dropout(x, p)
     if cache.x is x and cache.p == p and cache.version == version:
         return cache.out  # type: ignore[return-value]
-    out = F.dropout(x, p, True)
+    out = dropout(x, p)
     cache.x, cache.p, cache.version, cache.out = x, p, version, out
     return out
 

@@ -185,3 +185,20 @@ def test_registry_refuses_duplicates():
 def test_config_roundtrip():
     lora = LoRA(r=3, alpha=6, target_modules=["q_proj"], use_rslora=True)
     assert strategy_from_config(lora.config()) == lora
+
+
+def test_cpu_dropout_kernel_rate_scale_and_gradient():
+    from lightning_peft.layers import dropout
+
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x, 0.05)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.002  # 1e6 draws: std 2.2e-4
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - 3277 / 65536)))
+    assert abs(y.mean().item() - 1.0) < 0.003  # inverted dropout keeps the expectation
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x, 0.05), y)  # governed by torch.manual_seed
