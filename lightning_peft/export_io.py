@@ -1,0 +1,98 @@
+"""Files of an adapter folder: atomic folder replacement, safetensors and JSON writers, checksums."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+
+@contextlib.contextmanager
+def atomic_directory(dirpath: str | os.PathLike, marker: str) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dirpath``; on success it replaces ``dirpath`` by renames.
+
+    A crash or kill at any point leaves either the previous complete folder or the new complete one under the
+    final name (or, between the two renames, nothing and the previous one renamed aside), never a partial one.
+    An existing ``dirpath`` is only replaced when it is empty or holds ``marker`` (a file this library writes
+    into its exports), so a mistyped path never deletes someone's data.
+    """
+    final = Path(dirpath)
+    if final.exists() and not (final.is_dir() and (not any(final.iterdir()) or (final / marker).is_file())):
+        raise FileExistsError(
+            f"dirpath={str(final)!r} exists and is not a lightning_peft export (no {marker}); refusing to "
+            "replace it: choose a new or empty folder"
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f".{final.name}.tmp-{token}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            aside = final.parent / f".{final.name}.old-{token}"
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file of the new folder (and the folders) before the rename publishes it."""
+    for child in path.rglob("*"):
+        if child.is_file():
+            with open(child, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            _fsync_dir(child)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # directories cannot be opened on some platforms
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        t = value.detach().to("cpu").contiguous()
+        if t.data_ptr() in seen and t.numel() > 0:  # tied tensors: safetensors refuses shared storage
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[key] = t
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+__all__ = ["atomic_directory", "sha256_file", "write_json", "write_tensors"]
