@@ -325,6 +325,10 @@ def apply_peft(
             f"({state.stacks[name].describe_short()}); apply under another name=, or remove() that stack first"
         )
 
+    if state.stacks:  # another adapter set is there: none may be merged into the base
+        from lightning_peft.adapter_sets import check_can_add_set
+
+        check_can_add_set(state, name)
     unfreeze_names = resolve_unfreeze(model, unfreeze)
     ctx = ApplyContext(set_name=name, state=state, skip_modules=set(unfreeze_names))
     to_quantize = plan_quantization(model, quantize, unfreeze_names) if quantize is not None else []
@@ -360,7 +364,9 @@ def apply_peft(
             t.requires_grad_(flag)
         raise
     state.stacks[name] = stack
-    state.active = name
+    from lightning_peft.adapter_sets import adopt_new_set
+
+    adopt_new_set(state, stack)  # the new set becomes active; in-place trained tensors start from the base
     return stack
 
 

@@ -1,0 +1,391 @@
+"""Quantized backbones with bitsandbytes: 4-bit NF4/FP4 (QLoRA) and 8-bit LLM.int8() under the adapters.
+
+Two ways in give one result: :func:`quantize_model` turns the linears of an already-built model into
+bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layers in place, and :func:`bnb_config` gives the transformers
+``BitsAndBytesConfig`` that does the same at load time. The stack quantizes first and injects adapters after
+(``apply_peft(..., quantize=Quantization("nf4"))``), so adapters are never quantized.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lightning_peft.errors import PeftConfigError, preview
+from lightning_peft.targets import (
+    check_patterns,
+    get_submodule_parent,
+    is_conv1d,
+    name_matches,
+    output_head_names,
+)
+
+MODES = ("nf4", "fp4", "int8")
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STORAGE_DTYPES = {"uint8": torch.uint8, **FLOAT_DTYPES}
+#: transformers' default skips when ``llm_int8_skip_modules`` is given (it then drops its own head detection)
+HEAD_SKIPS = ("lm_head", "score", "classifier")
+QUANT_ATTR = "_lightning_peft_quantization"
+
+
+def _dtype_name(value: Any, argument: str, valid: dict[str, torch.dtype]) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if not isinstance(value, str) or value.removeprefix("torch.") not in valid:
+        raise PeftConfigError(f"{argument}={value!r} is not valid; expected one of {list(valid)}")
+    return value.removeprefix("torch.")
+
+
+@dataclass
+class Quantization:
+    """How the frozen backbone is quantized with bitsandbytes.
+
+    Args:
+        mode: ``"nf4"`` (4-bit NormalFloat, QLoRA Section 3, the default: optimal for normally distributed
+            weights), ``"fp4"`` (4-bit float) or ``"int8"`` (LLM.int8(), row-wise absmax).
+        double_quant: quantize the 4-bit absmax constants again (QLoRA Section 3, "Double Quantization":
+            4.127 instead of 4.5 bits per parameter). 4-bit modes only.
+        compute_dtype: dtype the 4-bit layers compute in: ``"float32"`` (default, as transformers),
+            ``"bfloat16"`` or ``"float16"``. 4-bit modes only.
+        skip_modules: module names (exact or dotted suffix) or a regex never quantized, in addition to the
+            output head and the modules the stack unfreezes. Each must match a module of the model.
+        quant_storage: dtype the packed 4-bit weights are stored as (``"uint8"`` by default; a float dtype
+            lets FSDP shard them with the other weights). 4-bit modes only.
+        int8_threshold: LLM.int8() outlier threshold on activations (paper Section 3.2 uses 6.0, the
+            default; 0 disables the mixed-precision decomposition). ``"int8"`` only.
+
+    Example:
+        >>> Quantization("nf4", double_quant=True, compute_dtype="bfloat16")
+        Quantization(mode='nf4', double_quant=True, compute_dtype='bfloat16', skip_modules=None, quant_storage=None, int8_threshold=None)
+    """
+
+    mode: Literal["nf4", "fp4", "int8"] = "nf4"
+    double_quant: bool = False
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    skip_modules: list[str] | str | None = None
+    quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] | None = None
+    int8_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise PeftConfigError(f"mode={self.mode!r} is not valid; expected one of {list(MODES)}")
+        if not isinstance(self.double_quant, bool):
+            raise PeftConfigError(f"double_quant={self.double_quant!r} is not valid; expected True or False")
+        self.compute_dtype = _dtype_name(self.compute_dtype, "compute_dtype", FLOAT_DTYPES)  # type: ignore[assignment]
+        self.quant_storage = _dtype_name(self.quant_storage, "quant_storage", STORAGE_DTYPES)  # type: ignore[assignment]
+        check_patterns(self.skip_modules, "skip_modules")
+        if isinstance(self.skip_modules, tuple):
+            self.skip_modules = list(self.skip_modules)
+        if self.mode == "int8":
+            for argument in ("compute_dtype", "quant_storage"):
+                if getattr(self, argument) is not None:
+                    raise PeftConfigError(
+                        f"{argument}={getattr(self, argument)!r} applies to the 4-bit modes only, not mode='int8' "
+                        "(Linear8bitLt stores int8 and computes in the input's dtype); drop it or use mode='nf4'"
+                    )
+            if self.double_quant:
+                raise PeftConfigError(
+                    "double_quant=True applies to the 4-bit modes only (it quantizes the 4-bit block constants), "
+                    "not mode='int8'; drop it or use mode='nf4'"
+                )
+            t = self.int8_threshold
+            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
+                raise PeftConfigError(
+                    f"int8_threshold={t!r} is not valid; expected a number >= 0 (6.0 by default)"
+                )
+        elif self.int8_threshold is not None:
+            raise PeftConfigError(
+                f"int8_threshold={self.int8_threshold!r} applies to mode='int8' only, not mode={self.mode!r}"
+            )
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.mode != "int8"
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return FLOAT_DTYPES[self.compute_dtype or "float32"]
+
+    @property
+    def torch_quant_storage(self) -> torch.dtype:
+        return STORAGE_DTYPES[self.quant_storage or "uint8"]
+
+    @property
+    def threshold(self) -> float:
+        return 6.0 if self.int8_threshold is None else float(self.int8_threshold)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serializable fields (``Quantization(**q.config())`` rebuilds it)."""
+        return asdict(self)
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise ImportError("quantization needs bitsandbytes: pip install 'bitsandbytes>=0.45'") from err
+    return bnb
+
+
+def is_bnb_layer(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt") or (
+        isinstance(module, nn.Linear) and type(module.weight).__name__ in ("Params4bit", "Int8Params")
+    )
+
+
+def keep_standard_layout(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its AVX512-BF16 CPU layout during eval forwards.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` rewrites its packed weight in place on the first no-grad eval
+    forward (bf16 block constants, double quantization undone, bf16 compute) and fails outright when
+    ``out_features`` is not a multiple of 32. The standard layout keeps the weights bit-stable, dequantizable
+    for merging and savable, and computes in ``compute_dtype``. Returns the number of layers changed.
+    """
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def _settings(q: Quantization) -> tuple[Any, ...]:
+    if not q.is_4bit:
+        return (q.mode, q.threshold)
+    return (q.mode, q.double_quant, q.torch_compute_dtype, q.torch_quant_storage)
+
+
+def _skip_set(model: nn.Module, quantization: Quantization, skip: Iterable[str]) -> set[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    skipped = set(skip) | output_head_names(model)
+    spec = quantization.skip_modules
+    if spec:
+        patterns = [spec] if isinstance(spec, str) else list(spec)
+        for pattern in patterns:
+            hits = [n for n in names if name_matches(n, pattern if isinstance(spec, str) else [pattern])]
+            if not hits:
+                raise PeftConfigError(
+                    f"skip_modules={pattern!r} matched no module of {type(model).__name__}; "
+                    f"top-level modules: {preview([n for n in names if '.' not in n])}"
+                )
+            skipped.update(hits)
+    return skipped
+
+
+def plan_quantization(model: nn.Module, quantization: Quantization, skip: Iterable[str] = ()) -> list[str]:
+    """Names of the linears :func:`quantize_model` would replace; checks everything, modifies nothing."""
+    from lightning_peft.layers import AdaptedLinear
+
+    if not isinstance(quantization, Quantization):
+        raise TypeError(f"quantize must be a Quantization, got {type(quantization).__name__}")
+    _bnb()
+    existing = [(n, m) for n, m in model.named_modules() if is_bnb_layer(m)]
+    if not existing and any(isinstance(m, AdaptedLinear) for m in model.modules()):
+        raise PeftConfigError(
+            f"{type(model).__name__} already carries adapters; quantize the backbone before adding adapters "
+            "(apply_peft(..., quantize=...) does both in the right order) so that adapters stay unquantized"
+        )
+    # already quantized (loaded with quantization_config=..., or another adapter set's apply_peft/load_adapters
+    # quantized it): fine if the settings agree, and nothing is quantized again
+    if existing:
+        have = layer_quantization(existing[0][1])
+        if _settings(have) != _settings(quantization):
+            raise PeftConfigError(
+                f"quantize={quantization!r} but {type(model).__name__} is already quantized differently "
+                f"({len(existing)} bitsandbytes layers such as {existing[0][0]} with {have!r}); pass quantize=None "
+                "to keep the model as it is, or load it unquantized"
+            )
+        return []
+    skipped = _skip_set(model, quantization, skip)
+    names = []
+    for name, module in model.named_modules():
+        # exact nn.Linear only, as transformers: subclasses such as MHA's out_proj are read through .weight
+        if not (type(module) is nn.Linear or is_conv1d(module)):
+            continue
+        if name in skipped or any(name.startswith(s + ".") for s in skipped):
+            continue
+        if module.weight.device.type == "meta":
+            raise PeftConfigError(
+                f"{name} has its weight on the meta device; materialize the model before quantizing"
+            )
+        names.append(name)
+    if not names:
+        raise PeftConfigError(
+            f"quantize={quantization!r} found no linear layer to quantize in {type(model).__name__}"
+        )
+    return names
+
+
+def quantized_linear(
+    module: nn.Module, q: Quantization, device: torch.device | str | None = None
+) -> nn.Module:
+    """A bitsandbytes layer holding ``module``'s weights (``nn.Linear`` or ``Conv1D``), quantized on ``device``
+    (default: where the weights are)."""
+    bnb = _bnb()
+    weight = module.weight.detach()
+    if is_conv1d(module):  # GPT-2 stores (in, out); bitsandbytes wants (out, in), as transformers on load
+        weight = weight.t()
+    out_features, in_features = weight.shape
+    device = weight.device if device is None else torch.device(device)
+    weight = weight.to(device)
+    has_bias = getattr(module, "bias", None) is not None
+    if q.is_4bit:
+        new = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            has_bias,
+            q.torch_compute_dtype,
+            compress_statistics=q.double_quant,
+            quant_type=q.mode,
+            quant_storage=q.torch_quant_storage,
+            device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            weight.contiguous(),
+            requires_grad=False,
+            compress_statistics=q.double_quant,
+            quant_type=q.mode,
+            quant_storage=q.torch_quant_storage,
+            module=new,
+        ).to(device)
+        new.support_avx512bf16_for_cpu = False  # see keep_standard_layout
+    else:
+        new = bnb.nn.Linear8bitLt(
+            in_features, out_features, has_bias, has_fp16_weights=False, threshold=q.threshold, device="meta"
+        )
+        # Int8Params quantizes when it leaves the CPU for a device (or stays on it), as transformers loads it
+        new.weight = bnb.nn.Int8Params(
+            weight.to("cpu").contiguous(), requires_grad=False, has_fp16_weights=False
+        ).to(device)
+    if has_bias:
+        new.bias = nn.Parameter(module.bias.detach().to(device, copy=True), requires_grad=False)
+    new.source_cls = type(module)
+    new.train(module.training)  # int8 layers take another path in training mode
+    return new
+
+
+def quantize_model(
+    model: nn.Module,
+    quantization: Quantization,
+    skip: Iterable[str] = (),
+    device: torch.device | str | None = None,
+) -> list[str]:
+    """Replace the model's linears by bitsandbytes layers holding the same weights, in place.
+
+    Every ``nn.Linear`` and GPT-2 ``Conv1D`` (transposed) becomes a ``Linear4bit`` or ``Linear8bitLt``
+    quantized on the device its weight lives on, except the output head, the ``skip`` names (and everything
+    under them) and ``quantization.skip_modules``. Layers are converted one at a time, so peak memory is
+    the model plus one layer.
+
+    Args:
+        model: a built model with float weights and no adapters yet.
+        quantization: the settings.
+        skip: qualified module names never quantized (the stack passes the modules it unfreezes).
+        device: quantize on this device, leaving the quantized layers there (e.g. CUDA for a model still on
+            the CPU, as the Lightning callback does); default: where each layer's weights are.
+
+    Returns:
+        The qualified names of the quantized layers; empty when the model already holds bitsandbytes layers
+        with the same settings (e.g. it was loaded through :func:`bnb_config`).
+
+    Example:
+        >>> names = quantize_model(model, Quantization("nf4", double_quant=True))
+    """
+    names = plan_quantization(model, quantization, skip)
+    keep_standard_layout(model)
+    narrow = []
+    for name in names:
+        parent, child = get_submodule_parent(model, name)
+        module = getattr(parent, child)
+        on = module.weight.device if device is None else torch.device(device)
+        if quantization.is_4bit and on.type == "cpu" and base_in_features(module) % 64:
+            narrow.append(name)
+        setattr(parent, child, quantized_linear(module, quantization, device))
+    if narrow:
+        warnings.warn(
+            f"{len(narrow)} layers (e.g. {narrow[0]}) have rows that are not a multiple of bitsandbytes' 64-element "
+            "4-bit block; bitsandbytes' CPU kernels (0.50) dequantize such rows with a much larger error than the "
+            "quantization itself (e.g. 0.41 instead of 0.09 relative error at 16 x 32); CUDA is not affected",
+            stacklevel=2,
+        )
+    model.__dict__[QUANT_ATTR] = quantization
+    return names
+
+
+def base_in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+
+
+def layer_quantization(module: nn.Module) -> Quantization:
+    """The settings one bitsandbytes layer was quantized with."""
+    if type(module).__name__ == "Linear8bitLt":
+        return Quantization("int8", int8_threshold=float(module.state.threshold))
+    storage = str(getattr(module, "quant_storage", torch.uint8)).removeprefix("torch.")
+    dtype = getattr(module, "compute_dtype", None)
+    return Quantization(
+        module.weight.quant_type,
+        double_quant=bool(module.weight.compress_statistics),
+        compute_dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,  # type: ignore[arg-type]
+        quant_storage=None if storage == "uint8" else storage,  # type: ignore[arg-type]
+    )
+
+
+def detect_quantization(model: nn.Module) -> Quantization | None:
+    """The :class:`Quantization` a model was quantized with (by :func:`quantize_model` or at load time)."""
+    found = model.__dict__.get(QUANT_ATTR)
+    if found is not None:
+        return found
+    layer = next((m for m in model.modules() if is_bnb_layer(m)), None)
+    return layer_quantization(layer) if layer is not None else None
+
+
+def bnb_config(quantization: Quantization) -> Any:
+    """The transformers ``BitsAndBytesConfig`` that quantizes at load time as :func:`quantize_model` does.
+
+    Pass it to ``from_pretrained(path, quantization_config=..., dtype=<the dtype the weights were in>)``.
+    When ``skip_modules`` is given, transformers stops detecting the output head itself, so the usual
+    head names (``lm_head``, ``score``, ``classifier``) are added to the skip list.
+    """
+    from transformers import BitsAndBytesConfig
+
+    q = quantization
+    skip = None
+    if q.skip_modules is not None:  # transformers matches a pattern from the start, or a literal suffix
+        if isinstance(q.skip_modules, str):
+            skip = [f"(?:{q.skip_modules})"]
+        else:
+            skip = [rf"(?:.*\.)?{re.escape(name)}" for name in q.skip_modules]
+        skip += list(HEAD_SKIPS)
+    if not q.is_4bit:
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=q.threshold, llm_int8_skip_modules=skip
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.mode,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=q.torch_compute_dtype,
+        bnb_4bit_quant_storage=q.torch_quant_storage,
+        llm_int8_skip_modules=skip,
+    )
+
+
+__all__ = [
+    "Quantization",
+    "bnb_config",
+    "detect_quantization",
+    "is_bnb_layer",
+    "keep_standard_layout",
+    "layer_quantization",
+    "plan_quantization",
+    "quantize_model",
+    "quantized_linear",
+]
