@@ -335,6 +335,7 @@ def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None
         from lightning_peft.callbacks.checkpointing import _apply_extras
 
         extras = _apply_extras(desc)
+    previous = getattr(get_state(model), "active", None)  # another adapter set, active again if this load fails
     stack = apply_peft(
         model,
         desc["strategies"],
@@ -363,6 +364,10 @@ def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None
         stack.load_adapter_state_dict(state, strict=True)
     except BaseException:
         stack.remove()
+        if previous is not None:
+            from lightning_peft.adapter_sets import activate
+
+            activate(model, previous)
         raise
     return stack
 
