@@ -271,8 +271,8 @@ class AdaptedLinear(nn.Module):
             return
         if is_quantized(self.base_layer):
             raise NotImplementedError(
-                "merging into a quantized base layer in place is not supported; use "
-                "lightning_peft.merge_and_export or dequantize first"
+                "merging into a quantized base layer in place is not supported; use PeftStack.merge() (it "
+                "dequantizes, optionally requantize=True), lightning_peft.merge_and_export, or dequantize first"
             )
         w, b = self.merged_weight(set_name)
         with torch.no_grad():
