@@ -173,7 +173,7 @@ class AdaptedLinear(nn.Module):
     # -- composition ---------------------------------------------------------------------------------------
     def add_delta(self, set_name: str, key: str, delta: Delta) -> None:
         if set_name not in self.adapters:
-            self.adapters[set_name] = nn.ModuleDict()
+            self.adapters[set_name] = nn.ModuleDict().train(self.training)
         if key in self.adapters[set_name]:
             raise ValueError(f"adapter set {set_name!r} already has a {key!r} delta on this layer")
         self.adapters[set_name][key] = delta
@@ -317,6 +317,7 @@ def adapt_linear(model: nn.Module, name: str, state: AdapterState) -> AdaptedLin
         return module
     parent, child = get_submodule_parent(model, name)
     layer = AdaptedLinear(module, state)
+    layer.train(module.training)  # an adapted eval-mode model stays in eval mode (no adapter dropout)
     setattr(parent, child, layer)
     return layer
 

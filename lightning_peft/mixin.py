@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from lightning_peft.callbacks.checkpointing import (
     check_checkpoint,
@@ -13,6 +14,7 @@ from lightning_peft.callbacks.checkpointing import (
     peft_target,
     trim_checkpoint,
 )
+from lightning_peft.errors import PeftConfigError
 from lightning_peft.layers import get_state
 from lightning_peft.stack import DEFAULT_SET, PeftStack, apply_peft
 from lightning_peft.strategies.base import Strategy, strategy_from_config
@@ -23,9 +25,10 @@ class PEFTMixin:
 
     The strategies are constructor arguments (typed, so LightningCLI can configure them); the stack is
     applied in ``configure_model`` (idempotent: it also runs for validate/test and ``load_from_checkpoint``);
-    ``configure_optimizers`` defaults to AdamW over the trainable parameters only; checkpoints hold the
-    adapter state only. Build the backbone in ``__init__``, or in your own ``configure_model`` before calling
-    ``super().configure_model()``.
+    ``configure_optimizers`` builds ``optimizer`` (an ``OptimizerCallable``, e.g. from LightningCLI's
+    ``--model.optimizer``; default AdamW with ``lr`` and ``weight_decay``) over the trainable parameters only,
+    plus the optional ``scheduler``; checkpoints hold the adapter state only. Build the backbone in
+    ``__init__``, or in your own ``configure_model`` before calling ``super().configure_model()``.
 
     Example:
         >>> class Classifier(PEFTMixin, L.LightningModule):
@@ -43,6 +46,9 @@ class PEFTMixin:
         adapter_name: str = DEFAULT_SET,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "step",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -52,6 +58,13 @@ class PEFTMixin:
         self.peft_adapter_name = adapter_name
         self.peft_lr = lr
         self.peft_weight_decay = weight_decay
+        self.peft_optimizer = optimizer
+        self.peft_scheduler = scheduler
+        if scheduler_interval not in ("step", "epoch"):
+            raise PeftConfigError(
+                f"scheduler_interval={scheduler_interval!r} is not valid; expected 'step' or 'epoch'"
+            )
+        self.peft_scheduler_interval = scheduler_interval
         # adapter-only state dicts load into the full module; on_load_checkpoint checks completeness
         self.strict_loading = False
 
@@ -70,8 +83,20 @@ class PEFTMixin:
                        unfreeze=self.peft_unfreeze, name=self.peft_adapter_name, **self.peft_apply_kwargs())
 
     def configure_optimizers(self) -> Any:
+        """``optimizer`` (default AdamW with ``lr`` and ``weight_decay``) over the trainable parameters only, and
+        ``scheduler`` on it, stepped every ``scheduler_interval`` (``ReduceLROnPlateau`` monitors ``val_loss``)."""
         params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
-        return torch.optim.AdamW(params, lr=self.peft_lr, weight_decay=self.peft_weight_decay)
+        if self.peft_optimizer is None:
+            optimizer = torch.optim.AdamW(params, lr=self.peft_lr, weight_decay=self.peft_weight_decay)
+        else:
+            optimizer = self.peft_optimizer(params)
+        if self.peft_scheduler is None:
+            return optimizer
+        scheduler = self.peft_scheduler(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": self.peft_scheduler_interval}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config.update(monitor="val_loss", interval="epoch")
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
     def on_fit_start(self) -> None:
         check_optimizer_coverage(self.trainer, self)  # type: ignore[attr-defined,arg-type]

@@ -343,7 +343,10 @@ def apply_peft(
         stack._saved_requires_grad[id(p)] = (p, p.requires_grad)
     try:
         for strategy, plan in zip(strategies, plans):
-            stack.applied.append(strategy.apply(model, plan, ctx))
+            applied = strategy.apply(model, plan, ctx)
+            for module in applied.modules:  # new modules follow the model: an eval-mode model gets no dropout
+                module.train(model.training)
+            stack.applied.append(applied)
         for p in model.parameters():
             p.requires_grad_(False)
         for t in stack.owned_tensors():

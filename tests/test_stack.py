@@ -202,3 +202,11 @@ def test_cpu_dropout_kernel_rate_scale_and_gradient():
     assert torch.equal(x.grad == 0, y == 0)
     torch.manual_seed(0)
     assert torch.equal(dropout(x, 0.05), y)  # governed by torch.manual_seed
+
+
+def test_injected_modules_follow_the_models_mode():
+    model = tiny_bert().eval()
+    apply_peft(model, [LoRA(r=2, dropout=0.5, target_modules=["query"])])
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())

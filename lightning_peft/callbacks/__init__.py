@@ -1,6 +1,10 @@
 """Lightning callbacks: thin hooks over the core."""
 
+from lightning_peft.callbacks.atomic_io import AtomicCheckpointIO
 from lightning_peft.callbacks.checkpointing import restore_from_checkpoint
+from lightning_peft.callbacks.evaluate import evaluate_adapter_sets
+from lightning_peft.callbacks.export import AdapterExport
 from lightning_peft.callbacks.peft import PEFT
+from lightning_peft.callbacks.rank_budget import RankBudgetScheduler
 
-__all__ = ["PEFT", "restore_from_checkpoint"]
+__all__ = ["PEFT", "AdapterExport", "AtomicCheckpointIO", "RankBudgetScheduler", "evaluate_adapter_sets", "restore_from_checkpoint"]
