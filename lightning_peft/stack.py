@@ -334,7 +334,11 @@ def apply_peft(
     to_quantize = plan_quantization(model, quantize, unfreeze_names) if quantize is not None else []
     plans = [s.plan(model, ctx) for s in strategies]  # validation only: nothing is modified yet
     if to_quantize:  # quantize first, inject after: adapters are never quantized
+        plans = _selective_plans_check(strategies, plans, set(to_quantize))
         quantize_model(model, quantize, unfreeze_names)  # type: ignore[arg-type]
+        # selective plans hold (name, tensor); quantization rebuilt those layers' parameters (e.g. biases)
+        plans = [[(n, model.get_parameter(n)) for n, _ in p] if s.level == "selective" else p
+                 for s, p in zip(strategies, plans)]
     keep_standard_layout(model)
 
     stack = PeftStack(model, strategies, unfreeze_names, name, ctx)
@@ -371,6 +375,21 @@ def apply_peft(
 
     adopt_new_set(state, stack)  # the new set becomes active; in-place trained tensors start from the base
     return stack
+
+
+def _selective_plans_check(strategies: list[Strategy], plans: list[Any], quantized: set[str]) -> list[Any]:
+    """Refuse, before quantizing, selective strategies that would train weights ``quantize=`` makes 4/8-bit."""
+    for strategy, plan in zip(strategies, plans):
+        if strategy.level != "selective":
+            continue
+        hit = [n for n, _ in plan if n.endswith(".weight") and n[: -len(".weight")] in quantized]
+        if hit:
+            raise PeftConfigError(
+                f"{type(strategy).__name__} selects weights that quantization turns into 4/8-bit tensors, which "
+                f"cannot train: {preview(hit, 6)}; pass those modules in unfreeze= (never quantized) or narrow "
+                "the strategy's selection"
+            )
+    return plans
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:

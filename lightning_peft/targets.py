@@ -96,6 +96,9 @@ def resolve_targets(
         heads = output_head_names(model)
         names = [n for n in linears if n not in heads]
     else:
+        if target_modules is None:  # check_patterns accepts None (an optional exclude); a target is required here
+            raise PeftConfigError(f"{argument}=None is not valid; name the modules to adapt, e.g. ['query', "
+                                  f"'value'], give a regular expression, or use '{ALL_LINEAR}'")
         check_patterns(target_modules, argument)
         if not isinstance(target_modules, str):
             target_modules = list(target_modules)
