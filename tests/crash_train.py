@@ -103,9 +103,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     module = Module()
-    # total_step given: with None the scheduler reads trainer.estimated_stepping_batches in on_fit_start, which
-    # builds the train dataloader before Lightning restores its position (see the README, "Scaling out")
-    scheduler = RankBudgetScheduler(tinit=2, tfinal=3, delta_t=2, total_step=16, heatmap=False)
+    # total_step=None: T comes from trainer.estimated_stepping_batches, read in on_train_start, after Lightning
+    # restored the loader's position (reading it earlier would build the loader too soon; README, "Scaling out")
+    scheduler = RankBudgetScheduler(tinit=2, tfinal=3, delta_t=2, heatmap=False)
     ckpt_dir = os.path.join(args.out, "ckpt")
     callbacks = [
         PEFT(

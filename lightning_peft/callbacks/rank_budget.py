@@ -104,22 +104,6 @@ class RankBudgetScheduler(Callback):
                 "PEFTMixin), or remove RankBudgetScheduler from the Trainer's callbacks"
             )
         self._stack = stack
-        total, source = self.total_step, "total_step"
-        if total is None:
-            estimated = trainer.estimated_stepping_batches
-            if not math.isfinite(estimated):
-                raise PeftConfigError(
-                    "RankBudgetScheduler(total_step=None) cannot infer T: trainer.estimated_stepping_batches is "
-                    "infinite; set the Trainer's max_steps or max_epochs, or pass total_step="
-                )
-            total, source = int(estimated), "T (trainer.estimated_stepping_batches)"
-        check_schedule(self.tinit, self.tfinal, self.delta_t, total, total_from=source)
-        self.allocator = RankAllocator.from_model(
-            stack, tinit=self.tinit, tfinal=self.tfinal, delta_t=self.delta_t, total_step=total
-        )
-        if self._pending_state is not None:
-            self.allocator.load_state_dict(self._pending_state)
-            self._pending_state = None
         if not pl_module.automatic_optimization:
             warnings.warn(
                 "RankBudgetScheduler with manual optimization: it reads gradients in on_train_batch_end, so do "
@@ -132,6 +116,24 @@ class RankBudgetScheduler(Callback):
             self._wrap_training_step(pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # T is read here, not in on_fit_start: estimated_stepping_batches builds the train dataloader, which
+        # must happen after Lightning restored a resumable loader's position from the checkpoint.
+        total, source = self.total_step, "total_step"
+        if total is None:
+            estimated = trainer.estimated_stepping_batches
+            if not math.isfinite(estimated):
+                raise PeftConfigError(
+                    "RankBudgetScheduler(total_step=None) cannot infer T: trainer.estimated_stepping_batches is "
+                    "infinite; set the Trainer's max_steps or max_epochs, or pass total_step="
+                )
+            total, source = int(estimated), "T (trainer.estimated_stepping_batches)"
+        check_schedule(self.tinit, self.tfinal, self.delta_t, total, total_from=source)
+        self.allocator = RankAllocator.from_model(
+            self._stack, tinit=self.tinit, tfinal=self.tfinal, delta_t=self.delta_t, total_step=total
+        )
+        if self._pending_state is not None:
+            self.allocator.load_state_dict(self._pending_state)
+            self._pending_state = None
         self._seen_step = trainer.global_step  # after the loops are restored from a checkpoint
 
     def on_train_batch_end(

@@ -91,7 +91,7 @@ class AdaLoRADelta(Delta):
 
     def forward(self, x: Tensor) -> Tensor:
         flag = self._flag
-        if self.training and not flag.attached and not flag.warned and torch.is_grad_enabled():
+        if not flag.attached and not flag.warned and torch.is_grad_enabled() and self.adalora_E.requires_grad:
             flag.warned = True
             warnings.warn(NO_SCHEDULER_WARNING.format(r=self.r), UserWarning, stacklevel=2)
         h = F.linear(x.to(self.adalora_A.dtype), self.adalora_A)
