@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_peft.errors import PeftConfigError
-from lightning_peft.layers import AdaptedLinear, Delta
+from lightning_peft.layers import AdaptedLinear, Delta, project
 from lightning_peft.strategies.base import (
     Applied,
     ApplyContext,
@@ -94,7 +94,7 @@ class AdaLoRADelta(Delta):
         if not flag.attached and not flag.warned and torch.is_grad_enabled() and self.adalora_E.requires_grad:
             flag.warned = True
             warnings.warn(NO_SCHEDULER_WARNING.format(r=self.r), UserWarning, stacklevel=2)
-        h = F.linear(x.to(self.adalora_A.dtype), self.adalora_A)
+        h = project(x, self.adalora_A, self.dropout, self.training)
         return F.linear(h * (self.singular_values() * self.scaling), self.adalora_B)
 
     def delta_weight(self) -> Tensor:

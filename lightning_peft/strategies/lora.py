@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.layers import AdaptedLinear, Delta
+from lightning_peft.layers import AdaptedLinear, Delta, project
 from lightning_peft.strategies.base import LayerStrategy, check_positive, check_probability, register_strategy
 from lightning_peft.targets import ALL_LINEAR, check_patterns
 
@@ -31,8 +31,15 @@ class LoRADelta(Delta):
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.linear(x.to(self.lora_A.dtype), self.lora_A)
-        return F.linear(h * self.scaling, self.lora_B)
+        h = project(x, self.lora_A, self.dropout, self.training, self.scaling)
+        return F.linear(h, self.lora_B)
+
+    def add_to(self, y: Tensor, x: Tensor) -> Tensor:
+        h = project(x, self.lora_A, self.dropout, self.training, self.scaling)  # scaling on the r-dim side
+        if y.dtype == self.lora_B.dtype and y.dim() >= 2:  # one fused addmm instead of a matmul and an add
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
+            return out.view(y.shape)
+        return y + F.linear(h, self.lora_B).to(y.dtype)
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
@@ -49,8 +56,8 @@ class LoRA(LayerStrategy):
     Args:
         r: rank of the update.
         alpha: scale numerator; the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
-        dropout: dropout on the layer input of the LoRA branch (one mask per input tensor, see
-            :func:`lightning_peft.layers.shared_dropout`).
+        dropout: dropout on the layer input of the LoRA branch (one mask per input tensor, shared by the
+            layers that read it, see :func:`lightning_peft.layers.shared_dropout`).
         target_modules: exact names or dotted suffixes (``["query", "value"]``), a regex matching the whole
             qualified name, or ``"all-linear"`` (every linear except the output head; QLoRA, Section 4, found
             adapting all linears necessary to match full fine-tuning).

