@@ -9,9 +9,9 @@ from lightning_peft import (
     PromptTuning,
     activate,
     active_adapters,
-    adapter_sets,
     apply_peft,
     deactivate,
+    list_adapter_sets,
     unload,
 )
 from lightning_peft.export import load_adapters, save_adapters
@@ -49,10 +49,10 @@ for name, strategies in tasks.items():  # each task trained on its own copy of t
 model = base()  # serving: one base, quantized once (by the first load), every set on it
 for name in tasks:
     load_adapters(model, f"adapters/{name}", name=name)
-print(adapter_sets(model), active_adapters(model))  # ['sentiment', 'topic', 'hybrid'] ['hybrid']
+print(list_adapter_sets(model), active_adapters(model))  # ['sentiment', 'topic', 'hybrid'] ['hybrid']
 ids = torch.tensor([[1, 5, 9, 3]])
 activate(model, "sentiment")  # no copy of the base, no re-quantization
 sentiment_logits = model(ids).logits
 deactivate(model)  # the base model alone
 unload(model, "topic")  # the others stay
-print(adapter_sets(model), active_adapters(model))  # ['sentiment', 'hybrid'] []
+print(list_adapter_sets(model), active_adapters(model))  # ['sentiment', 'hybrid'] []

@@ -57,7 +57,7 @@ def find_state(model: nn.Module) -> AdapterState:
     )
 
 
-def adapter_sets(model: nn.Module) -> list[str]:
+def list_adapter_sets(model: nn.Module) -> list[str]:
     """Names of the adapter sets on ``model``, in the order they were added (empty when there is none)."""
     try:
         return list(find_state(model).stacks)
@@ -349,7 +349,7 @@ def unmerge_adapter_set(model: nn.Module) -> str | None:
 __all__ = [
     "activate",
     "active_adapters",
-    "adapter_sets",
+    "list_adapter_sets",
     "deactivate",
     "disable_adapters",
     "find_state",

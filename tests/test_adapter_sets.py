@@ -28,10 +28,10 @@ from lightning_peft import (
     PromptTuning,
     activate,
     active_adapters,
-    adapter_sets,
     apply_peft,
     deactivate,
     disable_adapters,
+    list_adapter_sets,
     merge_adapter_set,
     unload,
     unmerge_adapter_set,
@@ -105,7 +105,7 @@ def test_three_sets_on_one_base_reproduce_their_trainers(trained_sets):
     model = tiny_llama()
     for name, folder in folders.items():
         load_adapters(model, folder, name=name)
-    assert adapter_sets(model) == ["sentiment", "topic", "hybrid"]
+    assert list_adapter_sets(model) == ["sentiment", "topic", "hybrid"]
     distinct = [outputs["sentiment"], outputs["topic"], outputs["hybrid"], base_out]
     for i, x in enumerate(distinct):  # the sets really differ from each other and from the base
         assert all((x - y).abs().max() > 1e-3 for y in distinct[i + 1 :])
@@ -148,7 +148,7 @@ def test_unload_keeps_the_others(trained_sets):
     for name, folder in folders.items():
         load_adapters(model, folder, name=name)
     unload(model, "hybrid")  # the active one: none is active afterwards
-    assert adapter_sets(model) == ["sentiment", "topic"] and active_adapters(model) == []
+    assert list_adapter_sets(model) == ["sentiment", "topic"] and active_adapters(model) == []
     assert not any("hybrid" in n for n in model.state_dict())
     activate(model, "sentiment")
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_unload_keeps_the_others(trained_sets):
     ):
         activate(model, "topic")
     unload(model, "sentiment")
-    assert adapter_sets(model) == [] and active_adapters(model) == []
+    assert list_adapter_sets(model) == [] and active_adapters(model) == []
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, base_out, rtol=0, atol=1e-6)
 
@@ -182,7 +182,7 @@ def test_errors_unknown_duplicate_and_incompatible_base(tmp_path):
     folder = save_adapters(model, tmp_path / "a", name="a")
     with pytest.raises(PeftConfigError, match="already has an adapter set named 'a'"):
         load_adapters(model, folder)  # same name as a loaded set
-    assert adapter_sets(model) == ["a", "b"]
+    assert list_adapter_sets(model) == ["a", "b"]
     # the export's fingerprint check: a set saved from another base refuses to load, the others stay as they were
     other = tiny_llama(hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
     apply_peft(other, [LoRA(r=2, target_modules=["q_proj"])], name="wide")
@@ -190,7 +190,7 @@ def test_errors_unknown_duplicate_and_incompatible_base(tmp_path):
     activate(model, "a")
     with pytest.raises(AdapterStateError, match="base model mismatch"):
         load_adapters(model, wide, name="wide")
-    assert adapter_sets(model) == ["a", "b"] and active_adapters(model) == ["a"]
+    assert list_adapter_sets(model) == ["a", "b"] and active_adapters(model) == ["a"]
     # a failure after the new set was applied (here: its strategies adapt other modules than the saved ones)
     # takes it off again and gives the previously active set back
     manifest = json.loads((folder / "lightning_peft.json").read_text())
@@ -198,10 +198,10 @@ def test_errors_unknown_duplicate_and_incompatible_base(tmp_path):
     (folder / "lightning_peft.json").write_text(json.dumps(manifest))
     with pytest.raises(AdapterStateError, match="adapt other modules"):
         load_adapters(model, folder, name="c")
-    assert adapter_sets(model) == ["a", "b"] and active_adapters(model) == ["a"]
+    assert list_adapter_sets(model) == ["a", "b"] and active_adapters(model) == ["a"]
     with pytest.raises(AdapterStateError, match="has no adapter sets"):
         activate(tiny_llama(), "a")
-    assert adapter_sets(tiny_llama()) == [] and active_adapters(tiny_llama()) == []
+    assert list_adapter_sets(tiny_llama()) == [] and active_adapters(tiny_llama()) == []
 
 
 def test_in_place_trained_tensors_are_swapped_per_set():
