@@ -24,18 +24,19 @@ from lightning_peft.quantization import Quantization, is_bnb_layer
 MIB = 2**20
 
 
+SMOKE = False  # --smoke: a tiny Llama, so CI can run the script in seconds
+
+
 def build(seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    size = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2) if SMOKE else dict(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12
+    )
+    heads = 4 if SMOKE else 12
     config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        max_position_embeddings=512,
+        **size, num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512
     )
     return LlamaForCausalLM(config).eval()
 
@@ -96,7 +97,10 @@ def main() -> None:
         "--quantize", nargs="+", default=["none", "nf4"], choices=["none", "nf4", "fp4", "int8"]
     )
     parser.add_argument("--sets", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--smoke", action="store_true", help="a tiny model (CI)")
     args = parser.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
     rows = []
     for mode in args.quantize:
         rows += run(mode, sorted(args.sets))

@@ -44,7 +44,7 @@ def _launch(out: Path, devices: int, *args: str) -> subprocess.Popen:
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(SCRIPT.parent.parent),
     }
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
         env.pop(key, None)
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--devices", str(devices), *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

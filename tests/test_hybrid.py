@@ -66,8 +66,10 @@ def recording(cls):
     return Recording
 
 
-def snapshot(module) -> dict[int, tuple[str, torch.Tensor]]:
-    return {id(t): (n, t.detach().clone()) for n, t in module.state_dict(keep_vars=True).items()}
+def snapshot(module) -> dict[int, tuple[str, torch.Tensor, torch.Tensor]]:
+    # the original tensor is kept alive in the snapshot: state_dict() builds some entries afresh (bitsandbytes'
+    # packed quant states), and a freed temporary's id could be reused by an unrelated tensor later
+    return {id(t): (n, t.detach().clone(), t) for n, t in module.state_dict(keep_vars=True).items()}
 
 
 def check_training(module, stack, before, *, quantized: bool = False, eval_loss=None) -> None:
@@ -95,7 +97,7 @@ def check_training(module, stack, before, *, quantized: bool = False, eval_loss=
         assert changed, f"no parameter of {strategy.name} changed"
     # the backbone is bit-identical: every tensor that existed before the stack and is not owned by it
     current = {id(t): t for t in after.values()}
-    for tid, (name, old) in before.items():
+    for tid, (name, old, _) in before.items():
         if tid in owned or tid not in current:
             continue
         assert torch.equal(current[tid], old), f"backbone tensor {name} changed"
