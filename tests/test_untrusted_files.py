@@ -97,8 +97,11 @@ def test_adapter_folder_holds_safetensors_and_json_only(trained):
     assert [s.name for s in stack.strategies] == ["prompt_tuning", "lora", "adalora"]
 
 
-@pytest.mark.parametrize("victim", [NATIVE_WEIGHTS_NAME, "lora/adapter_model.safetensors", MANIFEST_NAME])
-@pytest.mark.parametrize("fix_checksum", [False, True])
+@pytest.mark.parametrize(
+    ("victim", "fix_checksum"),
+    [(name, fix) for name in (NATIVE_WEIGHTS_NAME, "lora/adapter_model.safetensors", MANIFEST_NAME)
+     for fix in (False, True) if not (name == MANIFEST_NAME and fix)],  # the manifest has no checksum of itself
+)
 def test_pickle_in_place_of_an_adapter_file_is_refused(trained, tmp_path, victim, fix_checksum):
     import shutil
 
@@ -106,8 +109,6 @@ def test_pickle_in_place_of_an_adapter_file_is_refused(trained, tmp_path, victim
     shutil.copytree(trained[0] / "adapters", folder)
     marker = tmp_path / "unpickled"
     target = folder / victim
-    if victim == MANIFEST_NAME and fix_checksum:
-        pytest.skip("the manifest has no checksum of itself")
     with open(target, "wb") as f:
         torch.save({"weight": Payload(marker)}, f)  # torch's pickle-based format
     # an attacker who also rewrites the manifest's SHA-256: the file is still not safetensors
