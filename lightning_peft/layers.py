@@ -107,10 +107,6 @@ def shared_dropout(x: Tensor, p: float, dtype: torch.dtype) -> Tensor:
     return out
 
 
-def clear_dropout_cache() -> None:
-    _DROPOUT.x = _DROPOUT.out = None
-
-
 def project(x: Tensor, weight: Tensor, p: float, training: bool, scale: float = 1.0) -> Tensor:
     """``dropout(x) @ weight.T * scale`` for a small ``weight`` (r, in): the first half of a low-rank branch.
 

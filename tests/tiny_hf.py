@@ -26,49 +26,49 @@ def _save_tokenizer(path: Path) -> None:
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
 
 
+def _saved(root: str | os.PathLike, name: str, model_cls, cfg) -> str:
+    """``model_cls(cfg)`` (seed 0) saved with MiniLM's tokenizer under ``root/name``, unless already there."""
+    path = Path(root) / name
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        model_cls(cfg).save_pretrained(path)
+        _save_tokenizer(path)
+    return str(path)
+
+
 def tiny_bert_dir(root: str | os.PathLike, num_labels: int = 2) -> str:
     """A 2-layer BERT sequence classifier saved with a tokenizer; returns its folder."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    path = Path(root) / "tiny-bert"
-    if not (path / "config.json").exists():
-        torch.manual_seed(0)
-        cfg = BertConfig(
-            vocab_size=MINILM_VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=128,
-            num_labels=num_labels,
-        )
-        BertForSequenceClassification(cfg).save_pretrained(path)
-        _save_tokenizer(path)
-    return str(path)
+    cfg = BertConfig(
+        vocab_size=MINILM_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
+    return _saved(root, "tiny-bert", BertForSequenceClassification, cfg)
 
 
 def tiny_llama_dir(root: str | os.PathLike) -> str:
     """A 2-layer Llama causal LM saved with a tokenizer; returns its folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = Path(root) / "tiny-llama"
-    if not (path / "config.json").exists():
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=MINILM_VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            pad_token_id=0,
-            bos_token_id=101,
-            eos_token_id=102,
-        )
-        LlamaForCausalLM(cfg).save_pretrained(path)
-        _save_tokenizer(path)
-    return str(path)
+    cfg = LlamaConfig(
+        vocab_size=MINILM_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
+    return _saved(root, "tiny-llama", LlamaForCausalLM, cfg)
 
 
 def write_tsv(path: str | os.PathLike, rows: list[tuple[str, str]], header: str = "sentence\tlabel") -> str:
@@ -107,20 +107,15 @@ def tiny_t5_dir(root: str | os.PathLike) -> str:
     """A 2-layer T5 saved with a tokenizer; returns its folder."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    path = Path(root) / "tiny-t5"
-    if not (path / "config.json").exists():
-        torch.manual_seed(0)
-        cfg = T5Config(
-            vocab_size=MINILM_VOCAB,
-            d_model=32,
-            d_ff=64,
-            d_kv=8,
-            num_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=102,
-        )
-        T5ForConditionalGeneration(cfg).save_pretrained(path)
-        _save_tokenizer(path)
-    return str(path)
+    cfg = T5Config(
+        vocab_size=MINILM_VOCAB,
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=102,
+    )
+    return _saved(root, "tiny-t5", T5ForConditionalGeneration, cfg)
