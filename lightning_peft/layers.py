@@ -11,7 +11,9 @@ held once, frozen, and never wrapped twice.
 
 from __future__ import annotations
 
+import math
 import threading
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -45,19 +47,22 @@ class _DropoutCache(threading.local):
     version: int = -1
     p: float = 0.0
     dtype: torch.dtype | None = None
-    out: Tensor | None = None
+    out: Any = None
 
 
 _DROPOUT = _DropoutCache()
 
+#: up to this rate, dropout on the CPU draws the dropped positions rather than a full-size mask
+SPARSE_DROPOUT_MAX_P = 0.25
+
 
 def keep_mask(x: Tensor, p: float) -> Tensor:
-    """A boolean keep mask, each element kept with probability ``1 - p``.
+    """A boolean keep mask, each element kept with probability ``1 - p`` (the dense path).
 
     On the CPU it compares 16 random bits per element with a threshold, four 16-bit words per int64 drawn
     from torch's generator (``torch.manual_seed`` governs it): about 4x cheaper than ``F.dropout`` there. An
     element is then dropped with probability ``round(p * 65536) / 65536`` (:func:`drop_probability`; for
-    p = 0.05 that is 0.050003).
+    p = 0.3 that is 0.300003).
     """
     if x.device.type == "cpu":
         words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
@@ -65,8 +70,37 @@ def keep_mask(x: Tensor, p: float) -> Tensor:
     return torch.rand(x.shape, device=x.device) >= p
 
 
+def uses_sparse_dropout(p: float, device: torch.device) -> bool:
+    return device.type == "cpu" and 0.0 < p <= SPARSE_DROPOUT_MAX_P
+
+
 def drop_probability(p: float, device: torch.device) -> float:
-    return round(p * 65536) / 65536 if device.type == "cpu" else p
+    """The rate at which dropout in :func:`project` actually drops elements (see :func:`keep_mask`)."""
+    if uses_sparse_dropout(p, device) or device.type != "cpu":
+        return p
+    return round(p * 65536) / 65536
+
+
+def dropped_positions(numel: int, p: float, device: torch.device | None = None) -> Tensor:
+    """Sorted flat positions in ``range(numel)``, each one present independently with probability ``p``.
+
+    The gaps between successes of a Bernoulli(p) sequence are i.i.d. Geometric(p), so drawing about
+    ``numel * p`` geometric gaps and summing them gives exactly the positions a full-size Bernoulli mask would
+    drop, at ``p`` times the random draws and without a full-size mask (``torch.manual_seed`` governs it).
+    """
+    mean = numel * p
+    count = int(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 16)
+    scale = 1.0 / math.log1p(-p)
+
+    def gaps() -> Tensor:  # Geometric(p) by inversion, from float64 uniforms: floor(log(1 - U) / log(1 - p)) + 1
+        u = torch.rand(count, dtype=torch.float64, device=device)
+        return u.neg_().log1p_().mul_(scale).floor_().to(torch.int64).add_(1)
+
+    positions = gaps().cumsum_(0)
+    while int(positions[-1]) <= numel:  # ran short of the end (probability ~1e-9): draw more gaps
+        positions = torch.cat([positions, gaps().cumsum_(0) + positions[-1]])
+    positions = positions[: int(torch.searchsorted(positions, numel, right=True))]
+    return positions - 1  # the k-th success sits at trial cumsum_k, i.e. position cumsum_k - 1
 
 
 class _MaskInput(torch.autograd.Function):
@@ -84,40 +118,112 @@ class _MaskInput(torch.autograd.Function):
         return grad * keep, None
 
 
-def shared_dropout(x: Tensor, p: float, dtype: torch.dtype) -> Tensor:
-    """``x`` (cast to ``dtype``) times a keep mask, shared by every delta that reads this tensor in one forward.
+def _zeroed(x: Tensor, dropped: Tensor) -> Tensor:
+    return x.clone().view(-1).index_fill_(0, dropped, 0).view(x.shape)
 
-    q/k/v projections (and any layers fed the same hidden states) see one mask, drawn once, and one masked
-    copy of the input, instead of one full-size copy per layer as in PEFT; autograd sums the siblings'
-    gradients before the single masking step of backward. Each delta still sees standard inverted dropout with
-    rate ``p``; only the masks of sibling layers are correlated, as they are when LoRA is applied to a fused
-    qkv layer. The result is *not* rescaled: multiply by ``1 / (1 - drop_probability(p))`` (see
-    :func:`project`).
+
+class _SparseDropProject(torch.autograd.Function):
+    """``x`` (n, in) with the elements at flat positions ``dropped`` zeroed, times ``weight.T`` (in, r).
+
+    Forward is the full product minus the dropped elements' share, a sparse (CSR) times dense product, so
+    neither a mask nor a masked copy of ``x`` is made or kept; backward zeroes ``x``'s gradient at the dropped
+    positions and uses a transient zeroed copy of ``x`` for ``weight``'s. Saves ``x`` itself (no copy; it is
+    usually alive for the base layer's sake anyway) and the positions.
     """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, dropped: Tensor, sparse: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight, dropped)
+        if sparse is None:
+            return _zeroed(x, dropped) @ weight.t()
+        return torch.addmm(x @ weight.t(), sparse, weight.t(), alpha=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        x, weight, dropped = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight
+            grad_x.view(-1).index_fill_(0, dropped, 0)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.t() @ _zeroed(x, dropped)
+        return grad_x, grad_w, None, None
+
+
+def _csr(x: Tensor, dropped: Tensor) -> Tensor | None:
+    """The dropped elements of the 2-D ``x`` as a CSR matrix of its shape (``None`` where CSR matmul is slow
+    or unsupported: half precision)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return None
+    rows, width = x.shape
+    crow = torch.searchsorted(dropped, torch.arange(0, rows * width + 1, width, device=x.device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(
+            crow, dropped % width, x.detach().view(-1)[dropped], x.shape, check_invariants=False
+        )
+
+
+def _cached(x: Tensor, p: float, dtype: torch.dtype, make: Any) -> Any:
+    """``make()``, computed once per (input tensor, version, p, dtype) and reused by sibling layers."""
     cache = _DROPOUT
     try:
         version = x._version
     except RuntimeError:  # inference tensors have no version counter: nothing to share safely
         version = None
     if version is not None and cache.x is x and cache.version == version and cache.p == p and cache.dtype == dtype:
-        return cache.out  # type: ignore[return-value]
-    out = _MaskInput.apply(x.to(dtype), keep_mask(x, p))
+        return cache.out
+    out = make()
     if version is not None:
         cache.x, cache.version, cache.p, cache.dtype, cache.out = x, version, p, dtype, out
     return out
+
+
+def shared_dropout(x: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """``x`` (cast to ``dtype``) times a keep mask, shared by every delta that reads this tensor in one forward.
+
+    The dense path of :func:`project`. q/k/v projections (and any layers fed the same hidden states) see one
+    mask, drawn once, and one masked copy of the input, instead of one full-size copy per layer as in PEFT;
+    autograd sums the siblings' gradients before the single masking step of backward. The result is *not*
+    rescaled: multiply by ``1 / (1 - drop_probability(p))`` (see :func:`project`).
+    """
+    return _cached(x, p, dtype, lambda: _MaskInput.apply(x.to(dtype), keep_mask(x, p)))
+
+
+def shared_drops(x: Tensor, p: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(``x`` as a contiguous (n, in) matrix of ``dtype``, its sorted dropped flat positions, those elements as
+    a CSR matrix).
+
+    The sparse path of :func:`project`: drawn once per input tensor and shared by the layers that read it.
+    """
+
+    def make() -> tuple[Tensor, Tensor, Tensor | None]:
+        x2 = x.to(dtype).reshape(-1, x.shape[-1]).contiguous()
+        dropped = dropped_positions(x2.numel(), p, x2.device)
+        return x2, dropped, _csr(x2, dropped)
+
+    return _cached(x, p, dtype, make)
 
 
 def project(x: Tensor, weight: Tensor, p: float, training: bool, scale: float = 1.0) -> Tensor:
     """``dropout(x) @ weight.T * scale`` for a small ``weight`` (r, in): the first half of a low-rank branch.
 
     ``x`` is cast to ``weight``'s dtype (adapters keep their own precision over a bf16 or quantized base).
-    With dropout active the mask is shared per input tensor (:func:`shared_dropout`) and the inverted-dropout
-    factor is applied to the rank-``r`` result rather than to the full-size input.
+    With dropout active, the layers that read one input tensor share its dropout draw (q/k/v see one mask, as
+    with LoRA on a fused qkv projection; each branch still sees standard inverted dropout at rate ``p``), and
+    the inverted-dropout factor is applied to the rank-``r`` result rather than to the full-size input. On the
+    CPU with ``p <= 0.25`` no mask is made at all: the dropped positions are drawn directly
+    (:func:`dropped_positions`) and their contributions subtracted (:class:`_SparseDropProject`); otherwise a
+    keep mask and one masked copy per input tensor (:func:`shared_dropout`).
     """
     if p <= 0.0 or not training:
         h = F.linear(x.to(weight.dtype), weight)
         return h * scale if scale != 1.0 else h
     scale = scale / (1.0 - drop_probability(p, x.device))
+    if uses_sparse_dropout(p, x.device):
+        x2, dropped, sparse = shared_drops(x, p, weight.dtype)
+        h = _SparseDropProject.apply(x2, weight, dropped, sparse)
+        return (h * scale).view(*x.shape[:-1], weight.shape[0])
     return F.linear(shared_dropout(x, p, weight.dtype), weight) * scale
 
 

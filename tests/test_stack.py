@@ -72,22 +72,74 @@ def test_shared_dropout_mask_across_siblings():
     assert ((a == 0) | (a == x)).all()
 
 
-def test_dropout_projection_matches_plain_autograd():
+@pytest.mark.parametrize("p", [0.05, 0.3])  # the sparse CPU path (p <= 0.25) and the dense mask
+def test_dropout_projection_matches_plain_autograd(p):
     """The fused projection gives the same values and gradients as dropout written out with autograd."""
-    from lightning_peft.layers import drop_probability, project, shared_dropout
+    from lightning_peft.layers import (
+        drop_probability,
+        project,
+        shared_dropout,
+        shared_drops,
+        uses_sparse_dropout,
+    )
 
     x = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(4, 16, requires_grad=True)
     torch.manual_seed(0)
-    h = project(x, w, 0.3, True, scale=2.0)
-    keep = shared_dropout(x, 0.3, torch.float32) != 0
+    h = project(x, w, p, True, scale=2.0)
+    if uses_sparse_dropout(p, x.device):
+        _, dropped, _ = shared_drops(x, p, torch.float32)
+        keep = torch.ones(x.numel(), dtype=torch.bool)
+        keep[dropped] = False
+        keep = keep.view(x.shape)
+    else:
+        keep = shared_dropout(x, p, torch.float32) != 0
+    assert 0 < (~keep).sum() < keep.sum()
     (h * torch.arange(4.0)).sum().backward()
     x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    ref = torch.nn.functional.linear(x2 * keep / (1 - drop_probability(0.3, x.device)), w2) * 2.0
+    ref = torch.nn.functional.linear(x2 * keep / (1 - drop_probability(p, x.device)), w2) * 2.0
     (ref * torch.arange(4.0)).sum().backward()
     assert torch.allclose(h, ref, atol=1e-5)
     assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
-    assert torch.equal(project(x, w, 0.3, False), torch.nn.functional.linear(x, w))
+    assert torch.equal(project(x, w, p, False), torch.nn.functional.linear(x, w))
+
+
+def test_sparse_dropout_positions_are_bernoulli():
+    """Drawn positions are sorted, distinct, in range, at rate p, independent of neighbours, and seeded."""
+    from lightning_peft.layers import dropped_positions
+
+    n, p = 2_000_000, 0.05
+    torch.manual_seed(0)
+    pos = dropped_positions(n, p)
+    assert pos.dtype == torch.int64 and int(pos[0]) >= 0 and int(pos[-1]) < n
+    assert bool((pos[1:] > pos[:-1]).all())
+    assert abs(pos.numel() / n - p) < 5 * (p * (1 - p) / n) ** 0.5
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[pos] = True
+    both = (mask[1:] & mask[:-1]).float().mean().item()  # P(two neighbours dropped) = p^2
+    assert abs(both - p * p) < 5 * (p * p / n) ** 0.5
+    for start in (0, n // 2, n - 1000):  # no region is favoured
+        assert abs(mask[start:start + 1000].float().mean().item() - p) < 0.04
+    torch.manual_seed(0)
+    assert torch.equal(dropped_positions(n, p), pos)
+    assert dropped_positions(1, 0.05).numel() in (0, 1)
+
+
+def test_sparse_dropout_shared_by_siblings_and_sums_gradients():
+    """Two layers reading one input share one draw; their gradients w.r.t. the input add up."""
+    from lightning_peft.layers import project, shared_drops
+
+    x = torch.randn(6, 32, requires_grad=True)
+    a, b = torch.randn(4, 32), torch.randn(4, 32)
+    torch.manual_seed(1)
+    first = shared_drops(x, 0.1, torch.float32)
+    assert shared_drops(x, 0.1, torch.float32) is first
+    (project(x, a, 0.1, True).sum() + project(x, b, 0.1, True).sum()).backward()
+    _, dropped, _ = first
+    keep = torch.ones(x.numel(), dtype=torch.bool)
+    keep[dropped] = False
+    expected = ((a.sum(0) + b.sum(0)) / 0.9).expand(6, 32) * keep.view(6, 32)
+    assert torch.allclose(x.grad, expected, atol=1e-5)
 
 
 def test_adapter_state_dict_roundtrip_and_errors():

@@ -56,8 +56,8 @@ class LoRA(LayerStrategy):
     Args:
         r: rank of the update.
         alpha: scale numerator; the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
-        dropout: dropout on the layer input of the LoRA branch (one mask per input tensor, shared by the
-            layers that read it, see :func:`lightning_peft.layers.shared_dropout`).
+        dropout: dropout on the layer input of the LoRA branch (one draw per input tensor, shared by the
+            layers that read it, see :func:`lightning_peft.layers.project`).
         target_modules: exact names or dotted suffixes (``["query", "value"]``), a regex matching the whole
             qualified name, or ``"all-linear"`` (every linear except the output head; QLoRA, Section 4, found
             adapting all linears necessary to match full fine-tuning).
