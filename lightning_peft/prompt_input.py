@@ -147,9 +147,9 @@ class PromptHost(nn.Module):
         self.sets = nn.ModuleDict()
         self._state = state
         self.is_encoder_decoder = bool(getattr(getattr(target, "config", None), "is_encoder_decoder", False))
-        self._pending: dict[int, tuple[weakref.ref, int]] = {}
+        self._pending: dict[int, tuple[weakref.ref, int, int | None]] = {}
         self._handles: list[Any] = []
-        self._signatures: dict[type, list[str]] = {}
+        self._signatures: dict[Any, Any] = {}
         self.limit, self.absolute = position_limit(target)
         self._handles.append(target.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         self._handles.append(
@@ -224,6 +224,17 @@ class PromptHost(nn.Module):
             kwargs[name] = value
         return kwargs
 
+    def _takes(self, module: nn.Module, name: str) -> bool:
+        key = (type(module), name)
+        takes = self._signatures.get(key)
+        if takes is None:
+            try:
+                takes = name in inspect.signature(module.forward).parameters
+            except (TypeError, ValueError):
+                takes = False
+            self._signatures[key] = takes
+        return takes
+
     def _is_ours(self, tensor: Any) -> bool:
         entry = self._pending.get(id(tensor)) if isinstance(tensor, Tensor) else None
         return entry is not None and entry[0]() is tensor
@@ -239,6 +250,7 @@ class PromptHost(nn.Module):
             embeds = input_embeddings(module)(ids)
         batch, length = embeds.shape[:2]
         n = sum(p.num_virtual_tokens for p in self._active() or [])
+        lead = None  # leading logits positions to cut: n, or fewer when the head was told to skip them
         limit = self.limit
         if full and self.absolute and limit is not None and n + length > limit:
             raise PeftConfigError(
@@ -266,16 +278,29 @@ class PromptHost(nn.Module):
                 head = torch.arange(n, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], n)
                 kwargs["position_ids"] = torch.cat([head, pos + n], dim=-1)
             labels = kwargs.get("labels")
-            if (
+            token_labels = (
                 not self.is_encoder_decoder
                 and isinstance(labels, Tensor)
                 and labels.dim() >= 2
                 and tuple(labels.shape[:2]) == (batch, length)
+            )
+            pad_labels = n
+            if (
+                not self.is_encoder_decoder
+                and "logits_to_keep" not in kwargs
+                and self._takes(module, "logits_to_keep")
             ):
-                pad = labels.new_full((batch, n, *labels.shape[2:]), -100)
+                # A causal LM head need not score the virtual positions: keep the caller's positions only, plus
+                # the last virtual one when labels are given (it predicts the caller's first token, as in PEFT,
+                # whose loss this keeps). No logits for the virtual tokens are computed, then cut away.
+                lead = 1 if token_labels else 0
+                kwargs["logits_to_keep"] = length + lead
+                pad_labels = lead
+            if token_labels and pad_labels:
+                pad = labels.new_full((batch, pad_labels, *labels.shape[2:]), -100)
                 kwargs["labels"] = torch.cat([pad, labels], dim=1)
         self._pending = {k: v for k, v in self._pending.items() if v[0]() is not None}
-        self._pending[id(new)] = (weakref.ref(new), n)
+        self._pending[id(new)] = (weakref.ref(new), n, lead)
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
@@ -332,10 +357,10 @@ class PromptHost(nn.Module):
         entry = self._pending.pop(id(embeds), None) if isinstance(embeds, Tensor) else None
         if entry is None or entry[0]() is not embeds or output is None:
             return None
-        n = entry[1]
+        n, lead = entry[1], entry[2]
         total = embeds.shape[1]
-        keep_logits = bool(kwargs.get("logits_to_keep"))
-        return strip_output(output, n, total, self.is_encoder_decoder, keep_logits)
+        keep_logits = lead is None and bool(kwargs.get("logits_to_keep"))
+        return strip_output(output, n, total, self.is_encoder_decoder, keep_logits, lead)
 
 
 def _strip(t: Any, n: int, total: int) -> Any:
@@ -350,8 +375,21 @@ def _strip(t: Any, n: int, total: int) -> Any:
     return t
 
 
-def strip_output(output: Any, n: int, total: int, encoder_decoder: bool, keep_logits: bool = False) -> Any:
-    """Remove the ``n`` virtual positions from what the model returned (sequence length ``total``)."""
+def _strip_logits(t: Tensor, n: int, total: int, lead: int | None) -> Tensor:
+    """Logits aligned with the caller's input, contiguous (user code commonly calls ``logits.view(-1, vocab)``)."""
+    if lead is None:
+        return _strip(t, n, total).contiguous()
+    return t[:, lead:].contiguous() if lead else t
+
+
+def strip_output(
+    output: Any, n: int, total: int, encoder_decoder: bool, keep_logits: bool = False, lead: int | None = None
+) -> Any:
+    """Remove the ``n`` virtual positions from what the model returned (sequence length ``total``).
+
+    ``lead`` (when not ``None``): the logits were computed for the last ``total - n + lead`` positions only, so
+    ``lead`` leading positions are cut from them instead.
+    """
     if isinstance(output, dict):  # ModelOutput
         for key in list(output.keys()):
             value = output[key]
@@ -363,13 +401,14 @@ def strip_output(output: Any, n: int, total: int, encoder_decoder: bool, keep_lo
             elif key in ("last_hidden_state", "hidden_states", "attentions", "start_logits", "end_logits"):
                 output[key] = _strip(value, n, total)
             elif key == "logits" and not keep_logits and isinstance(value, Tensor) and value.dim() >= 3:
-                # contiguous: user code commonly calls logits.view(-1, vocab)
-                output[key] = _strip(value, n, total).contiguous()
+                output[key] = _strip_logits(value, n, total, lead)
         return output
     if isinstance(output, tuple) and not encoder_decoder:  # return_dict=False: strip sequence-shaped entries
         out = []
         for x in output:
-            if isinstance(x, Tensor):
+            if isinstance(x, Tensor) and lead is not None and x.dim() >= 3 and x.shape[1] == total - n + lead:
+                out.append(_strip_logits(x, n, total, lead))
+            elif isinstance(x, Tensor):
                 out.append(_strip(x, n, total).contiguous() if x.dim() >= 3 else x)
             else:
                 out.append(_strip(x, n, total))

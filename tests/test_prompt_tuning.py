@@ -72,6 +72,25 @@ def test_llama_causal_lm_matches_peft_prompt_tuning():
     assert abs(out.loss.item() - exp.loss.item()) <= 1e-5
 
 
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_lm_head_scores_no_virtual_positions(build):
+    """The head computes logits for the caller's positions only (plus the one that predicts the first token
+    when labels are given), and the loss is the same as with every position scored and then cut."""
+    model = build()
+    apply_peft(model, [PromptTuning(num_virtual_tokens=N, init="vocab")])
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(i[0].shape[1]))
+    ids = token_batch(2, 7)
+    out = model(input_ids=ids, labels=ids)
+    plain = model(input_ids=ids)
+    full = model(input_ids=ids, labels=ids, logits_to_keep=0)  # 0: the caller asks for every position
+    assert rows == [8, 7, 7 + N]
+    assert out.logits.shape == plain.logits.shape == (2, 7, VOCAB) and out.logits.is_contiguous()
+    assert torch.allclose(out.logits, plain.logits, atol=1e-6)
+    assert torch.allclose(out.logits, full.logits, atol=1e-6)
+    assert abs(out.loss.item() - full.loss.item()) <= 1e-6
+
+
 def test_llama_generation_matches_peft():
     ours = tiny_llama()
     apply_peft(ours, [PromptTuning(num_virtual_tokens=N)])
