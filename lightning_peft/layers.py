@@ -227,6 +227,86 @@ def project(x: Tensor, weight: Tensor, p: float, training: bool, scale: float = 
     return F.linear(shared_dropout(x, p, weight.dtype), weight) * scale
 
 
+class _LowRankLinear(torch.autograd.Function):
+    """``x @ W.T + b + (dropout(x) @ A.T * scale) @ B.T`` for a frozen plain linear ``W``, ``b`` in one node.
+
+    The same arithmetic as the base layer plus a LoRA branch, with fewer full-size tensors: the low-rank
+    product is added into the base output in place, and backward adds ``grad @ W`` into the branch's input
+    gradient in place, instead of autograd allocating both input gradients and then their sum. Dropout is the
+    sparse CPU draw of :func:`project` (``dropped``, ``sparse``) or none.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float,
+        dropped: Tensor | None, sparse: Tensor | None,
+    ) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        if dropped is None:
+            h = x2 @ a.t()
+        elif sparse is not None:
+            h = torch.addmm(x2 @ a.t(), sparse, a.t(), alpha=-1)
+        else:
+            h = _zeroed(x2, dropped) @ a.t()
+        h.mul_(scale)
+        out.addmm_(h, b.t())
+        ctx.save_for_backward(x2, weight, a, b, h, dropped)
+        ctx.scale, ctx.in_shape = scale, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2, weight, a, b, h, dropped = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        g_h = (g2 @ b).mul_(ctx.scale)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[4]:
+            grad_b = g2.t() @ h
+        if ctx.needs_input_grad[3]:
+            grad_a = g_h.t() @ (x2 if dropped is None else _zeroed(x2, dropped))
+        if ctx.needs_input_grad[0]:
+            grad_x = g_h @ a
+            if dropped is not None:
+                grad_x.view(-1).index_fill_(0, dropped, 0)
+            grad_x = grad_x.addmm_(g2, weight).view(ctx.in_shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def lowrank_linear(
+    base: nn.Module, x: Tensor, a: Tensor, b: Tensor, p: float, training: bool, scale: float
+) -> Tensor | None:
+    """``base(x) + (dropout(x) @ a.T * scale) @ b.T`` as one fused node, or ``None`` where that does not apply.
+
+    It applies to an exact ``nn.Linear`` whose weight and bias are frozen and unhooked, with ``x``, the weight
+    and the adapters in one floating dtype, outside autocast, and with no dropout or the sparse CPU dropout of
+    :func:`project` (the same draw, shared by sibling layers). Otherwise the caller composes the usual way.
+    """
+    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        return None
+    weight, bias = base.weight, base.bias
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    if not (x.dtype == weight.dtype == a.dtype == b.dtype) or not x.is_floating_point():
+        return None
+    if x.device != weight.device or _autocast_on(x.device.type) or x.dim() < 2:
+        return None
+    dropped = sparse = None
+    if training and p > 0.0:
+        if not uses_sparse_dropout(p, x.device):
+            return None
+        _, dropped, sparse = shared_drops(x, p, a.dtype)
+        scale = scale / (1.0 - p)
+    return _LowRankLinear.apply(x, weight, bias, a, b, scale, dropped, sparse)
+
+
 class Delta(nn.Module):
     """One strategy's contribution to one :class:`AdaptedLinear` for one adapter set.
 
@@ -242,6 +322,11 @@ class Delta(nn.Module):
         """``y`` plus this delta's contribution for the layer input ``x`` (deltas apply their own dropout,
         e.g. through :func:`project`); low-rank deltas override this to fuse the add into a matmul."""
         return y + self(x).to(y.dtype)
+
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """``base(x)`` plus this delta as one fused computation when this delta is alone on its layer, or
+        ``None`` (the default) to be composed as usual."""
+        return None
 
     def delta_weight(self) -> Tensor:
         raise NotImplementedError
@@ -334,6 +419,10 @@ class AdaptedLinear(nn.Module):
         if active is None or active in self.merged or active not in self.adapters:
             return self.base_layer(x, *args, **kwargs)
         deltas = self.adapters[active].values()
+        if len(deltas) == 1 and not args and not kwargs:
+            fused = next(iter(deltas)).fused_forward(self.base_layer, x)
+            if fused is not None:
+                return fused
         x_base = x
         s_out = None
         additive = []

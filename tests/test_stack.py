@@ -273,3 +273,63 @@ def test_injected_modules_follow_the_models_mode():
     assert not any(m.training for m in model.modules())
     model.train()
     assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["lora", "adalora"])
+def test_fused_lora_linear_matches_composed_path(p, bias, kind):
+    """LoRA (or AdaLoRA) alone on a frozen nn.Linear runs as one fused node: same outputs and gradients as the
+    composed path (base layer, then the branch added), which a forward hook on the base layer forces."""
+    from lightning_peft import AdaLoRA
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 16, bias=bias), torch.nn.GELU(), torch.nn.Linear(16, 8))
+        if kind == "lora":
+            strategy = LoRA(r=4, alpha=8, dropout=p, target_modules=["0", "2"], init_weights=False)
+        else:
+            strategy = AdaLoRA(init_r=4, target_r=2, dropout=p, target_modules=["0", "2"])
+        apply_peft(model, [strategy])
+        with torch.no_grad():
+            for name, q in model.named_parameters():
+                if name.endswith("adalora_E"):
+                    q.copy_(torch.randn(q.shape))
+                    model.get_submodule(name.rsplit(".", 1)[0]).adalora_mask[0] = False  # one pruned triplet
+        return model.train()
+
+    fused, composed = build(), build()
+    for name in ("0", "2"):
+        composed.get_submodule(name).base_layer.register_forward_hook(lambda *a: None)
+    x = torch.randn(3, 5, 24)
+    results = []
+    for model in (fused, composed):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out = model(xi)
+        (out * torch.linspace(-1, 1, 8)).sum().backward()
+        grads = {n: q.grad for n, q in model.named_parameters() if q.requires_grad}
+        results.append((out, xi.grad, grads, type(out.grad_fn).__name__))
+    (out_f, gx_f, g_f, fn_f), (out_c, gx_c, g_c, fn_c) = results
+    assert "_LowRankLinear" in fn_f and "_LowRankLinear" not in fn_c
+    assert torch.allclose(out_f, out_c, atol=1e-5)
+    assert torch.allclose(gx_f, gx_c, atol=1e-5)
+    assert g_f.keys() == g_c.keys() and len(g_f) == (4 if kind == "lora" else 6)
+    assert all(torch.allclose(g_f[k], g_c[k], atol=1e-5) for k in g_f)
+
+
+def test_fused_lora_linear_falls_back_where_it_does_not_apply():
+    """A trainable base bias (BitFit), a second delta on the layer, or a base in another dtype than the
+    adapters take the composed path."""
+    from lightning_peft import IA3, BitFit
+
+    def grad_fn(strategies, x, dtype=torch.float32):
+        model = torch.nn.Sequential(torch.nn.Linear(24, 16).to(dtype))
+        apply_peft(model, strategies)
+        return type(model(x.to(dtype)).grad_fn).__name__
+
+    x = torch.randn(2, 24)
+    assert "_LowRankLinear" in grad_fn([LoRA(r=2, target_modules=["0"])], x)
+    assert "_LowRankLinear" not in grad_fn([LoRA(r=2, target_modules=["0"]), BitFit()], x)
+    assert "_LowRankLinear" not in grad_fn([LoRA(r=2, target_modules=["0"]), IA3(target_modules=["0"])], x)
+    assert "_LowRankLinear" not in grad_fn([LoRA(r=2, target_modules=["0"])], x, torch.bfloat16)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_peft.errors import PeftConfigError
-from lightning_peft.layers import AdaptedLinear, Delta, project
+from lightning_peft.layers import AdaptedLinear, Delta, lowrank_linear, project
 from lightning_peft.strategies.base import (
     Applied,
     ApplyContext,
@@ -89,13 +89,22 @@ class AdaLoRADelta(Delta):
         """Number of kept triplets."""
         return int(self.adalora_mask.sum())
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_scheduler(self) -> None:
         flag = self._flag
         if not flag.attached and not flag.warned and torch.is_grad_enabled() and self.adalora_E.requires_grad:
             flag.warned = True
-            warnings.warn(NO_SCHEDULER_WARNING.format(r=self.r), UserWarning, stacklevel=2)
+            warnings.warn(NO_SCHEDULER_WARNING.format(r=self.r), UserWarning, stacklevel=3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_scheduler()
         h = project(x, self.adalora_A, self.dropout, self.training)
         return F.linear(h * (self.singular_values() * self.scaling), self.adalora_B)
+
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        # P diag(lambda) Q x = (P diag(lambda)) (Q x): the masked singular values fold into B's columns
+        self._check_scheduler()
+        b = self.adalora_B * (self.singular_values() * self.scaling)
+        return lowrank_linear(base, x, self.adalora_A, b, self.dropout, self.training, 1.0)
 
     def delta_weight(self) -> Tensor:
         return (self.adalora_B * (self.singular_values() * self.scaling)) @ self.adalora_A

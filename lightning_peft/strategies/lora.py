@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.layers import AdaptedLinear, Delta, project
+from lightning_peft.layers import AdaptedLinear, Delta, lowrank_linear, project
 from lightning_peft.strategies.base import LayerStrategy, check_positive, check_probability, register_strategy
 from lightning_peft.targets import ALL_LINEAR, check_patterns
 
@@ -40,6 +40,9 @@ class LoRADelta(Delta):
             out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
             return out.view(y.shape)
         return y + F.linear(h, self.lora_B).to(y.dtype)
+
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        return lowrank_linear(base, x, self.lora_A, self.lora_B, self.dropout, self.training, self.scaling)
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
