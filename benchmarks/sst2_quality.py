@@ -7,6 +7,7 @@ A plain PyTorch loop drives every method, so the comparison is between the adapt
     python benchmarks/sst2_quality.py                          # all rows, seeds 0 1 2
     python benchmarks/sst2_quality.py --rows lora peft-lora --seeds 0
     python benchmarks/sst2_quality.py --smoke                  # a tiny model and a few steps (CI)
+    python benchmarks/sst2_quality.py --steps 200 --report     # the table of every run in the CSV
 
 Data: ../shared/data/sst2 (override with --data); the script exits with a message when it is absent.
 """
@@ -172,14 +173,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="*", default=list(ROWS))
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sst2_quality.csv"))
     ap.add_argument("--prompt-init", choices=["text", "random"], default="text")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--report", action="store_true", help="only print the table of every run in --out")
     args = ap.parse_args()
+    if args.report:
+        with open(args.out, newline="") as f:
+            print(table([r for r in csv.DictReader(f) if int(r["steps"]) == args.steps]))
+        return
     unknown = sorted(set(args.rows) - set(ROWS))
     if unknown:
         sys.exit(f"--rows {unknown} unknown; choose from {list(ROWS)}")
