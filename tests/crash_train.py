@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import ClassifierModule, classification_data, tiny_bert
+from helpers import trainer as make_trainer
 
 from lightning_peft import AdaLoRA, LoRA
 from lightning_peft.callbacks import PEFT, RankBudgetScheduler
@@ -123,18 +124,8 @@ def main() -> None:
         AdapterExport(dirpath=os.path.join(args.out, "export")),
         Recorder(args.hang_at, args.out),
     ]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=args.epochs,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=args.out,
-        deterministic=True,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
+    trainer = make_trainer(args.out, max_steps=-1, max_epochs=args.epochs, enable_checkpointing=True,
+                           callbacks=callbacks)
     data = ResumableLoader(classification_data(n=64), batch_size=8)
     trainer.fit(module, data, ckpt_path=os.path.join(ckpt_dir, "last.ckpt") if args.resume else None)
     torch.save(

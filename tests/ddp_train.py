@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import ClassifierModule, classification_data, tiny_bert
+from helpers import trainer as make_trainer
 
 from lightning_peft import AdaLoRA, LoRA, PromptTuning
 from lightning_peft.callbacks import PEFT, RankBudgetScheduler
@@ -108,20 +109,8 @@ def main() -> None:
         AdapterExport(dirpath=os.path.join(args.out, "export"), every_checkpoint=False, final=True),
     ]
     strategy = args.strategy or ("ddp" if args.devices > 1 else "auto")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=args.devices,
-        strategy=strategy,
-        max_steps=args.steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=args.out,
-        deterministic=True,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        use_distributed_sampler=False,
-    )
+    trainer = make_trainer(args.out, devices=args.devices, strategy=strategy, max_steps=args.steps,
+                           enable_checkpointing=True, callbacks=callbacks, use_distributed_sampler=False)
     trainer.fit(module, datamodule=Data(args.steps * args.global_batch, args.global_batch))
     rank = trainer.global_rank
     stack = find_stack(module)

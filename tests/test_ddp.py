@@ -193,34 +193,20 @@ class _SpareHead(ClassifierModule):
         self.model.spare = torch.nn.Linear(32, 2)
 
 
-def test_unused_trainable_parameter_under_ddp_gets_a_clear_error(tmp_path):
+def _fit_spare_head_under_ddp(tmp_path, peft: PEFT):
     """One-process DDP (gloo) in this process: the reducer behaves as with more ranks."""
-    module = _SpareHead()
-    t = trainer(
-        tmp_path,
-        strategy="ddp",
-        max_steps=3,
-        callbacks=[
-            PEFT([LoRA(r=2, target_modules=["query"])], unfreeze=["classifier", "spare"], model_attr="model")
-        ],
-    )
+    t = trainer(tmp_path, strategy="ddp", max_steps=3, callbacks=[peft])
+    t.fit(_SpareHead(), loader(classification_data(n=32)))
+    return t
+
+
+def test_unused_trainable_parameter_under_ddp_gets_a_clear_error(tmp_path):
+    peft = PEFT([LoRA(r=2, target_modules=["query"])], unfreeze=["classifier", "spare"], model_attr="model")
     with pytest.raises(PeftConfigError, match=r"no gradient on the first step under DDP.*spare\.weight"):
-        t.fit(module, loader(classification_data(n=32)))
+        _fit_spare_head_under_ddp(tmp_path, peft)
 
 
 def test_selective_strategy_with_unused_parameters_trains_under_ddp(tmp_path):
-    module = _SpareHead()
-    t = trainer(
-        tmp_path,
-        strategy="ddp",
-        max_steps=3,
-        callbacks=[
-            PEFT(
-                [LoRA(r=2, target_modules=["query"]), Unfreeze(modules=["spare"])],
-                unfreeze=["classifier"],
-                model_attr="model",
-            )
-        ],
-    )
-    t.fit(module, loader(classification_data(n=32)))
+    strategies = [LoRA(r=2, target_modules=["query"]), Unfreeze(modules=["spare"])]
+    t = _fit_spare_head_under_ddp(tmp_path, PEFT(strategies, unfreeze=["classifier"], model_attr="model"))
     assert t.global_step == 3 and t.strategy._ddp_kwargs["find_unused_parameters"] is True
