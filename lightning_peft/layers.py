@@ -122,6 +122,29 @@ def _zeroed(x: Tensor, dropped: Tensor) -> Tensor:
     return x.clone().view(-1).index_fill_(0, dropped, 0).view(x.shape)
 
 
+def _dropped_product(x: Tensor, weight: Tensor, dropped: Tensor | None, sparse: Tensor | None) -> Tensor:
+    """``x`` (n, in) with the elements at ``dropped`` zeroed (none if ``None``), times ``weight.T``."""
+    if dropped is None:
+        return x @ weight.t()
+    if sparse is None:
+        return _zeroed(x, dropped) @ weight.t()
+    return torch.addmm(x @ weight.t(), sparse, weight.t(), alpha=-1)
+
+
+def _dropped_grads(
+    ctx: Any, grad_h: Tensor, x: Tensor, weight: Tensor, dropped: Tensor | None, x_index: int, w_index: int
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of :func:`_dropped_product` w.r.t. ``x`` and ``weight`` from the gradient of its result."""
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[w_index]:
+        grad_w = grad_h.t() @ (x if dropped is None else _zeroed(x, dropped))
+    if ctx.needs_input_grad[x_index]:
+        grad_x = grad_h @ weight
+        if dropped is not None:
+            grad_x.view(-1).index_fill_(0, dropped, 0)
+    return grad_x, grad_w
+
+
 class _SparseDropProject(torch.autograd.Function):
     """``x`` (n, in) with the elements at flat positions ``dropped`` zeroed, times ``weight.T`` (in, r).
 
@@ -134,20 +157,12 @@ class _SparseDropProject(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, dropped: Tensor, sparse: Tensor | None) -> Tensor:
         ctx.save_for_backward(x, weight, dropped)
-        if sparse is None:
-            return _zeroed(x, dropped) @ weight.t()
-        return torch.addmm(x @ weight.t(), sparse, weight.t(), alpha=-1)
+        return _dropped_product(x, weight, dropped, sparse)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, weight, dropped = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ weight
-            grad_x.view(-1).index_fill_(0, dropped, 0)
-        if ctx.needs_input_grad[1]:
-            grad_w = grad.t() @ _zeroed(x, dropped)
-        return grad_x, grad_w, None, None
+        return (*_dropped_grads(ctx, grad, x, weight, dropped, 0, 1), None, None)
 
 
 def _csr(x: Tensor, dropped: Tensor) -> Tensor | None:
@@ -243,13 +258,7 @@ class _LowRankLinear(torch.autograd.Function):
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        if dropped is None:
-            h = x2 @ a.t()
-        elif sparse is not None:
-            h = torch.addmm(x2 @ a.t(), sparse, a.t(), alpha=-1)
-        else:
-            h = _zeroed(x2, dropped) @ a.t()
-        h.mul_(scale)
+        h = _dropped_product(x2, a, dropped, sparse).mul_(scale)
         out.addmm_(h, b.t())
         ctx.save_for_backward(x2, weight, a, b, h, dropped)
         ctx.scale, ctx.in_shape = scale, x.shape
@@ -260,15 +269,9 @@ class _LowRankLinear(torch.autograd.Function):
         x2, weight, a, b, h, dropped = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         g_h = (g2 @ b).mul_(ctx.scale)
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[4]:
-            grad_b = g2.t() @ h
-        if ctx.needs_input_grad[3]:
-            grad_a = g_h.t() @ (x2 if dropped is None else _zeroed(x2, dropped))
-        if ctx.needs_input_grad[0]:
-            grad_x = g_h @ a
-            if dropped is not None:
-                grad_x.view(-1).index_fill_(0, dropped, 0)
+        grad_b = g2.t() @ h if ctx.needs_input_grad[4] else None
+        grad_x, grad_a = _dropped_grads(ctx, g_h, x2, a, dropped, 0, 3)
+        if grad_x is not None:  # the base layer's input gradient, added in place
             grad_x = grad_x.addmm_(g2, weight).view(ctx.in_shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 

@@ -152,7 +152,8 @@ class PromptHost(nn.Module):
         self.is_encoder_decoder = bool(getattr(getattr(target, "config", None), "is_encoder_decoder", False))
         self._pending: dict[int, tuple[weakref.ref, int, int | None]] = {}
         self._handles: list[Any] = []
-        self._signatures: dict[Any, Any] = {}
+        self._signatures: dict[type, list[str]] = {}
+        self._accepts: dict[tuple[type, str], bool] = {}
         self.limit, self.absolute = position_limit(target)
         self._handles.append(target.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         self._handles.append(
@@ -229,13 +230,13 @@ class PromptHost(nn.Module):
 
     def _takes(self, module: nn.Module, name: str) -> bool:
         key = (type(module), name)
-        takes = self._signatures.get(key)
+        takes = self._accepts.get(key)
         if takes is None:
             try:
                 takes = name in inspect.signature(module.forward).parameters
             except (TypeError, ValueError):
                 takes = False
-            self._signatures[key] = takes
+            self._accepts[key] = takes
         return takes
 
     def _is_ours(self, tensor: Any) -> bool:
