@@ -11,9 +11,7 @@ held once, frozen, and never wrapped twice.
 
 from __future__ import annotations
 
-import math
 import threading
-import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -52,60 +50,15 @@ class _DropoutCache(threading.local):
 
 _DROPOUT = _DropoutCache()
 
-#: up to this rate, dropout on the CPU draws the dropped positions rather than a full-size mask
-SPARSE_DROPOUT_MAX_P = 0.25
 
-
-def keep_mask(x: Tensor, p: float) -> Tensor:
-    """A boolean keep mask, each element kept with probability ``1 - p`` (the dense path).
-
-    On the CPU it compares 16 random bits per element with a threshold, four 16-bit words per int64 drawn
-    from torch's generator (``torch.manual_seed`` governs it): about 4x cheaper than ``F.dropout`` there. An
-    element is then dropped with probability ``round(p * 65536) / 65536`` (:func:`drop_probability`; for
-    p = 0.3 that is 0.300003).
-    """
-    if x.device.type == "cpu":
-        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
-        return words.view(torch.int16)[: x.numel()].view(x.shape) >= (round(p * 65536) - 32768)
-    return torch.rand(x.shape, device=x.device) >= p
-
-
-def uses_sparse_dropout(p: float, device: torch.device) -> bool:
-    return device.type == "cpu" and 0.0 < p <= SPARSE_DROPOUT_MAX_P
-
-
-def drop_probability(p: float, device: torch.device) -> float:
-    """The rate at which dropout in :func:`project` actually drops elements (see :func:`keep_mask`)."""
-    if uses_sparse_dropout(p, device) or device.type != "cpu":
-        return p
-    return round(p * 65536) / 65536
-
-
-def dropped_positions(numel: int, p: float, device: torch.device | None = None) -> Tensor:
-    """Sorted flat positions in ``range(numel)``, each one present independently with probability ``p``.
-
-    The gaps between successes of a Bernoulli(p) sequence are i.i.d. Geometric(p), so drawing about
-    ``numel * p`` geometric gaps and summing them gives exactly the positions a full-size Bernoulli mask would
-    drop, at ``p`` times the random draws and without a full-size mask (``torch.manual_seed`` governs it).
-    """
-    mean = numel * p
-    count = int(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 16)
-    scale = 1.0 / math.log1p(-p)
-
-    def gaps() -> Tensor:  # Geometric(p) by inversion, from float64 uniforms: floor(log(1 - U) / log(1 - p)) + 1
-        u = torch.rand(count, dtype=torch.float64, device=device)
-        return u.neg_().log1p_().mul_(scale).floor_().to(torch.int64).add_(1)
-
-    positions = gaps().cumsum_(0)
-    while int(positions[-1]) <= numel:  # ran short of the end (probability ~1e-9): draw more gaps
-        positions = torch.cat([positions, gaps().cumsum_(0) + positions[-1]])
-    positions = positions[: int(torch.searchsorted(positions, numel, right=True))]
-    return positions - 1  # the k-th success sits at trial cumsum_k, i.e. position cumsum_k - 1
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 class _MaskInput(torch.autograd.Function):
     """``x * keep``: dropout without the ``1 / (1 - p)`` factor, which the low-rank branch folds into its
-    scaling on the rank-``r`` side for free. Saves only the bool mask."""
+    scaling on the rank-``r`` side. Saves only the bool mask."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, keep: Tensor) -> Tensor:
@@ -118,69 +71,16 @@ class _MaskInput(torch.autograd.Function):
         return grad * keep, None
 
 
-def _zeroed(x: Tensor, dropped: Tensor) -> Tensor:
-    return x.clone().view(-1).index_fill_(0, dropped, 0).view(x.shape)
+def shared_dropout(x: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """``x`` (cast to ``dtype``) times one keep mask, shared by every delta that reads this tensor in a forward.
 
-
-def _dropped_product(x: Tensor, weight: Tensor, dropped: Tensor | None, sparse: Tensor | None) -> Tensor:
-    """``x`` (n, in) with the elements at ``dropped`` zeroed (none if ``None``), times ``weight.T``."""
-    if dropped is None:
-        return x @ weight.t()
-    if sparse is None:
-        return _zeroed(x, dropped) @ weight.t()
-    return torch.addmm(x @ weight.t(), sparse, weight.t(), alpha=-1)
-
-
-def _dropped_grads(
-    ctx: Any, grad_h: Tensor, x: Tensor, weight: Tensor, dropped: Tensor | None, x_index: int, w_index: int
-) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of :func:`_dropped_product` w.r.t. ``x`` and ``weight`` from the gradient of its result."""
-    grad_x = grad_w = None
-    if ctx.needs_input_grad[w_index]:
-        grad_w = grad_h.t() @ (x if dropped is None else _zeroed(x, dropped))
-    if ctx.needs_input_grad[x_index]:
-        grad_x = grad_h @ weight
-        if dropped is not None:
-            grad_x.view(-1).index_fill_(0, dropped, 0)
-    return grad_x, grad_w
-
-
-class _SparseDropProject(torch.autograd.Function):
-    """``x`` (n, in) with the elements at flat positions ``dropped`` zeroed, times ``weight.T`` (in, r).
-
-    Forward is the full product minus the dropped elements' share, a sparse (CSR) times dense product, so
-    neither a mask nor a masked copy of ``x`` is made or kept; backward zeroes ``x``'s gradient at the dropped
-    positions and uses a transient zeroed copy of ``x`` for ``weight``'s. Saves ``x`` itself (no copy; it is
-    usually alive for the base layer's sake anyway) and the positions.
+    The opt-in memory saver behind ``LoRA(shared_dropout=True)``: q/k/v projections (any layers fed the same
+    hidden states) see one mask, drawn once (``torch.rand`` on the input's device), and one masked copy of the
+    input, instead of one per layer; autograd sums the siblings' gradients before the single masking step.
+    The draws of sibling layers are then *not* independent. The result is not rescaled: multiply by
+    ``1 / (1 - p)``. The cache is Python-side state keyed on the tensor and its version counter, so while
+    ``torch.compile`` traces, each layer draws its own mask instead (:func:`project`).
     """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, dropped: Tensor, sparse: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight, dropped)
-        return _dropped_product(x, weight, dropped, sparse)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        x, weight, dropped = ctx.saved_tensors
-        return (*_dropped_grads(ctx, grad, x, weight, dropped, 0, 1), None, None)
-
-
-def _csr(x: Tensor, dropped: Tensor) -> Tensor | None:
-    """The dropped elements of the 2-D ``x`` as a CSR matrix of its shape (``None`` where CSR matmul is slow
-    or unsupported: half precision)."""
-    if x.dtype not in (torch.float32, torch.float64):
-        return None
-    rows, width = x.shape
-    crow = torch.searchsorted(dropped, torch.arange(0, rows * width + 1, width, device=x.device))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(
-            crow, dropped % width, x.detach().view(-1)[dropped], x.shape, check_invariants=False
-        )
-
-
-def _cached(x: Tensor, p: float, dtype: torch.dtype, make: Any) -> Any:
-    """``make()``, computed once per (input tensor, version, p, dtype) and reused by sibling layers."""
     cache = _DROPOUT
     try:
         version = x._version
@@ -188,92 +88,64 @@ def _cached(x: Tensor, p: float, dtype: torch.dtype, make: Any) -> Any:
         version = None
     if version is not None and cache.x is x and cache.version == version and cache.p == p and cache.dtype == dtype:
         return cache.out
-    out = make()
+    out = _MaskInput.apply(x.to(dtype), torch.rand(x.shape, device=x.device) >= p)
     if version is not None:
         cache.x, cache.version, cache.p, cache.dtype, cache.out = x, version, p, dtype, out
     return out
 
 
-def shared_dropout(x: Tensor, p: float, dtype: torch.dtype) -> Tensor:
-    """``x`` (cast to ``dtype``) times a keep mask, shared by every delta that reads this tensor in one forward.
-
-    The dense path of :func:`project`. q/k/v projections (and any layers fed the same hidden states) see one
-    mask, drawn once, and one masked copy of the input, instead of one full-size copy per layer as in PEFT;
-    autograd sums the siblings' gradients before the single masking step of backward. The result is *not*
-    rescaled: multiply by ``1 / (1 - drop_probability(p))`` (see :func:`project`).
-    """
-    return _cached(x, p, dtype, lambda: _MaskInput.apply(x.to(dtype), keep_mask(x, p)))
-
-
-def shared_drops(x: Tensor, p: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(``x`` as a contiguous (n, in) matrix of ``dtype``, its sorted dropped flat positions, those elements as
-    a CSR matrix).
-
-    The sparse path of :func:`project`: drawn once per input tensor and shared by the layers that read it.
-    """
-
-    def make() -> tuple[Tensor, Tensor, Tensor | None]:
-        x2 = x.to(dtype).reshape(-1, x.shape[-1]).contiguous()
-        dropped = dropped_positions(x2.numel(), p, x2.device)
-        return x2, dropped, _csr(x2, dropped)
-
-    return _cached(x, p, dtype, make)
-
-
-def project(x: Tensor, weight: Tensor, p: float, training: bool, scale: float = 1.0) -> Tensor:
+def project(
+    x: Tensor, weight: Tensor, p: float, training: bool, scale: float = 1.0, shared: bool = False
+) -> Tensor:
     """``dropout(x) @ weight.T * scale`` for a small ``weight`` (r, in): the first half of a low-rank branch.
 
     ``x`` is cast to ``weight``'s dtype (adapters keep their own precision over a bf16 or quantized base).
-    With dropout active, the layers that read one input tensor share its dropout draw (q/k/v see one mask, as
-    with LoRA on a fused qkv projection; each branch still sees standard inverted dropout at rate ``p``), and
-    the inverted-dropout factor is applied to the rank-``r`` result rather than to the full-size input. On the
-    CPU with ``p <= 0.25`` no mask is made at all: the dropped positions are drawn directly
-    (:func:`dropped_positions`) and their contributions subtracted (:class:`_SparseDropProject`); otherwise a
-    keep mask and one masked copy per input tensor (:func:`shared_dropout`).
+    Dropout is ``torch.nn.functional.dropout`` on the branch's input, drawn independently per layer and per
+    forward: the same arithmetic and the same statistics as ``peft`` on every device and dtype, under autocast
+    and under ``torch.compile``. With ``shared=True`` the layers that read one input tensor share one draw
+    (:func:`shared_dropout`), and the ``1 / (1 - p)`` factor is applied on the rank-``r`` side.
     """
     if p <= 0.0 or not training:
         h = F.linear(x.to(weight.dtype), weight)
         return h * scale if scale != 1.0 else h
-    scale = scale / (1.0 - drop_probability(p, x.device))
-    if uses_sparse_dropout(p, x.device):
-        x2, dropped, sparse = shared_drops(x, p, weight.dtype)
-        h = _SparseDropProject.apply(x2, weight, dropped, sparse)
-        return (h * scale).view(*x.shape[:-1], weight.shape[0])
-    return F.linear(shared_dropout(x, p, weight.dtype), weight) * scale
+    if shared and not _compiling():
+        return F.linear(shared_dropout(x, p, weight.dtype), weight) * (scale / (1.0 - p))
+    h = F.linear(F.dropout(x.to(weight.dtype), p, True), weight)
+    return h * scale if scale != 1.0 else h
 
 
 class _LowRankLinear(torch.autograd.Function):
-    """``x @ W.T + b + (dropout(x) @ A.T * scale) @ B.T`` for a frozen plain linear ``W``, ``b`` in one node.
+    """``x @ W.T + b + (x @ A.T * scale) @ B.T`` for a frozen plain linear ``W``, ``b`` in one node.
 
-    The same arithmetic as the base layer plus a LoRA branch, with fewer full-size tensors: the low-rank
-    product is added into the base output in place, and backward adds ``grad @ W`` into the branch's input
-    gradient in place, instead of autograd allocating both input gradients and then their sum. Dropout is the
-    sparse CPU draw of :func:`project` (``dropped``, ``sparse``) or none.
+    The same arithmetic as the base layer plus a LoRA branch without dropout, with fewer full-size tensors:
+    the low-rank product is added into the base output in place, and backward adds ``grad @ W`` into the
+    branch's input gradient in place, instead of autograd allocating both input gradients and then their sum.
+    Plain tensor ops only, so it serves every device and floating dtype, and ``torch.compile`` traces it.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float,
-        dropped: Tensor | None, sparse: Tensor | None,
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        h = _dropped_product(x2, a, dropped, sparse).mul_(scale)
+        h = (x2 @ a.t()).mul_(scale)
         out.addmm_(h, b.t())
-        ctx.save_for_backward(x2, weight, a, b, h, dropped)
+        ctx.save_for_backward(x2, weight, a, b, h)
         ctx.scale, ctx.in_shape = scale, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x2, weight, a, b, h, dropped = ctx.saved_tensors
+        x2, weight, a, b, h = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
         g_h = (g2 @ b).mul_(ctx.scale)
         grad_b = g2.t() @ h if ctx.needs_input_grad[4] else None
-        grad_x, grad_a = _dropped_grads(ctx, g_h, x2, a, dropped, 0, 3)
-        if grad_x is not None:  # the base layer's input gradient, added in place
-            grad_x = grad_x.addmm_(g2, weight).view(ctx.in_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        grad_a = g_h.t() @ x2 if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # the branch's input gradient plus the base layer's, added in place
+            grad_x = (g_h @ a).addmm_(g2, weight).view(ctx.in_shape)
+        return grad_x, None, None, grad_a, grad_b, None
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -286,12 +158,14 @@ def _autocast_on(device_type: str) -> bool:
 def lowrank_linear(
     base: nn.Module, x: Tensor, a: Tensor, b: Tensor, p: float, training: bool, scale: float
 ) -> Tensor | None:
-    """``base(x) + (dropout(x) @ a.T * scale) @ b.T`` as one fused node, or ``None`` where that does not apply.
+    """``base(x) + (x @ a.T * scale) @ b.T`` as one fused node, or ``None`` where that does not apply.
 
     It applies to an exact ``nn.Linear`` whose weight and bias are frozen and unhooked, with ``x``, the weight
-    and the adapters in one floating dtype, outside autocast, and with no dropout or the sparse CPU dropout of
-    :func:`project` (the same draw, shared by sibling layers). Otherwise the caller composes the usual way.
+    and the adapters in one floating dtype, outside autocast, and without active dropout. Otherwise the caller
+    composes the usual way (:func:`project`).
     """
+    if training and p > 0.0:
+        return None
     if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return None
     weight, bias = base.weight, base.bias
@@ -301,13 +175,7 @@ def lowrank_linear(
         return None
     if x.device != weight.device or _autocast_on(x.device.type) or x.dim() < 2:
         return None
-    dropped = sparse = None
-    if training and p > 0.0:
-        if not uses_sparse_dropout(p, x.device):
-            return None
-        _, dropped, sparse = shared_drops(x, p, a.dtype)
-        scale = scale / (1.0 - p)
-    return _LowRankLinear.apply(x, weight, bias, a, b, scale, dropped, sparse)
+    return _LowRankLinear.apply(x, weight, bias, a, b, scale)
 
 
 class Delta(nn.Module):

@@ -16,6 +16,7 @@ SCRIPTS = [  # (argv, a line the script's table must print)
     (["adapter_sets_memory.py", "--smoke", "--sets", "1", "2", "--quantize", "none", "nf4"], "| nf4 | 2 |"),
     (["long_run_memory.py", "--steps", "20"], "tensor bytes"),
     (["checkpoint_sizes.py", "--smoke"], "| weights-only |"),
+    (["compile_precision.py", "--smoke"], "| llama | lora | ours |"),
 ]
 
 

@@ -62,7 +62,7 @@ def test_init_leaves_model_unchanged_and_gradients_reach_adapters():
 
 
 def test_shared_dropout_mask_across_siblings():
-    """q, k and v read one hidden-states tensor: their LoRA branches see one dropout mask."""
+    """Opt-in sharing: q, k and v read one hidden-states tensor and see one dropout mask."""
     from lightning_peft.layers import shared_dropout
 
     x = torch.randn(4, 8, requires_grad=True)
@@ -72,74 +72,40 @@ def test_shared_dropout_mask_across_siblings():
     assert ((a == 0) | (a == x)).all()
 
 
-@pytest.mark.parametrize("p", [0.05, 0.3])  # the sparse CPU path (p <= 0.25) and the dense mask
-def test_dropout_projection_matches_plain_autograd(p):
-    """The fused projection gives the same values and gradients as dropout written out with autograd."""
-    from lightning_peft.layers import (
-        drop_probability,
-        project,
-        shared_dropout,
-        shared_drops,
-        uses_sparse_dropout,
-    )
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_dropout_projection_is_torch_dropout(p):
+    """The default branch dropout is F.dropout on the input, drawn per layer: peft's arithmetic and stream."""
+    from lightning_peft.layers import project
 
     x = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(4, 16, requires_grad=True)
     torch.manual_seed(0)
     h = project(x, w, p, True, scale=2.0)
-    if uses_sparse_dropout(p, x.device):
-        _, dropped, _ = shared_drops(x, p, torch.float32)
-        keep = torch.ones(x.numel(), dtype=torch.bool)
-        keep[dropped] = False
-        keep = keep.view(x.shape)
-    else:
-        keep = shared_dropout(x, p, torch.float32) != 0
-    assert 0 < (~keep).sum() < keep.sum()
     (h * torch.arange(4.0)).sum().backward()
     x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    ref = torch.nn.functional.linear(x2 * keep / (1 - drop_probability(p, x.device)), w2) * 2.0
+    torch.manual_seed(0)
+    ref = torch.nn.functional.linear(torch.nn.functional.dropout(x2, p, True), w2) * 2.0
     (ref * torch.arange(4.0)).sum().backward()
-    assert torch.allclose(h, ref, atol=1e-5)
-    assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+    assert torch.equal(h, ref)
+    assert torch.equal(x.grad, x2.grad) and torch.equal(w.grad, w2.grad)
     assert torch.equal(project(x, w, p, False), torch.nn.functional.linear(x, w))
 
 
-def test_sparse_dropout_positions_are_bernoulli():
-    """Drawn positions are sorted, distinct, in range, at rate p, independent of neighbours, and seeded."""
-    from lightning_peft.layers import dropped_positions
+def test_dropout_is_independent_per_layer_unless_shared():
+    """Two branches reading one input draw two masks by default, one with shared=True (gradients then add)."""
+    from lightning_peft.layers import project
 
-    n, p = 2_000_000, 0.05
+    x = torch.randn(64, 64, requires_grad=True)
+    eye = torch.eye(64)
     torch.manual_seed(0)
-    pos = dropped_positions(n, p)
-    assert pos.dtype == torch.int64 and int(pos[0]) >= 0 and int(pos[-1]) < n
-    assert bool((pos[1:] > pos[:-1]).all())
-    assert abs(pos.numel() / n - p) < 5 * (p * (1 - p) / n) ** 0.5
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[pos] = True
-    both = (mask[1:] & mask[:-1]).float().mean().item()  # P(two neighbours dropped) = p^2
-    assert abs(both - p * p) < 5 * (p * p / n) ** 0.5
-    for start in (0, n // 2, n - 1000):  # no region is favoured
-        assert abs(mask[start:start + 1000].float().mean().item() - p) < 0.04
-    torch.manual_seed(0)
-    assert torch.equal(dropped_positions(n, p), pos)
-    assert dropped_positions(1, 0.05).numel() in (0, 1)
-
-
-def test_sparse_dropout_shared_by_siblings_and_sums_gradients():
-    """Two layers reading one input share one draw; their gradients w.r.t. the input add up."""
-    from lightning_peft.layers import project, shared_drops
-
-    x = torch.randn(6, 32, requires_grad=True)
-    a, b = torch.randn(4, 32), torch.randn(4, 32)
-    torch.manual_seed(1)
-    first = shared_drops(x, 0.1, torch.float32)
-    assert shared_drops(x, 0.1, torch.float32) is first
-    (project(x, a, 0.1, True).sum() + project(x, b, 0.1, True).sum()).backward()
-    _, dropped, _ = first
-    keep = torch.ones(x.numel(), dtype=torch.bool)
-    keep[dropped] = False
-    expected = ((a.sum(0) + b.sum(0)) / 0.9).expand(6, 32) * keep.view(6, 32)
-    assert torch.allclose(x.grad, expected, atol=1e-5)
+    first, second = project(x, eye, 0.5, True), project(x, eye, 0.5, True)
+    assert not torch.equal(first == 0, second == 0)
+    shared_a, shared_b = project(x, eye, 0.5, True, shared=True), project(x, eye, 0.5, True, shared=True)
+    assert torch.equal(shared_a == 0, shared_b == 0)
+    keep = shared_a != 0
+    assert torch.allclose(shared_a, x * keep * 2.0)
+    (shared_a.sum() + 3 * shared_b.sum()).backward()
+    assert torch.allclose(x.grad, keep * 8.0)
 
 
 def test_adapter_state_dict_roundtrip_and_errors():
@@ -256,17 +222,6 @@ def test_config_roundtrip():
     assert strategy_from_config(lora.config()) == lora
 
 
-def test_cpu_dropout_mask_rate_and_seed():
-    from lightning_peft.layers import keep_mask
-
-    x = torch.ones(1000, 1000)
-    torch.manual_seed(0)
-    keep = keep_mask(x, 0.05)
-    assert abs(1 - keep.float().mean().item() - 0.05) < 0.002  # 1e6 draws: std 2.2e-4
-    torch.manual_seed(0)
-    assert torch.equal(keep_mask(x, 0.05), keep)  # governed by torch.manual_seed
-
-
 def test_injected_modules_follow_the_models_mode():
     model = tiny_bert().eval()
     apply_peft(model, [LoRA(r=2, dropout=0.5, target_modules=["query"])])
@@ -311,7 +266,7 @@ def test_fused_lora_linear_matches_composed_path(p, bias, kind):
         grads = {n: q.grad for n, q in model.named_parameters() if q.requires_grad}
         results.append((out, xi.grad, grads, type(out.grad_fn).__name__))
     (out_f, gx_f, g_f, fn_f), (out_c, gx_c, g_c, fn_c) = results
-    assert "_LowRankLinear" in fn_f and "_LowRankLinear" not in fn_c
+    assert ("_LowRankLinear" in fn_f) == (p == 0.0) and "_LowRankLinear" not in fn_c  # dropout: composed
     assert torch.allclose(out_f, out_c, atol=1e-5)
     assert torch.allclose(gx_f, gx_c, atol=1e-5)
     assert g_f.keys() == g_c.keys() and len(g_f) == (4 if kind == "lora" else 6)
