@@ -43,10 +43,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.containers import PROMPT_HOST
 from lightning_peft.errors import PeftConfigError, preview
 from lightning_peft.layers import AdapterState
 
-HOST_ATTR = "lightning_peft_prompts"
+HOST_ATTR = PROMPT_HOST
 _CACHE_KEYS = ("cache", "past_key_values")
 _ABSOLUTE_POSITIONS = re.compile(r"(^|\.)(position_embeddings|wpe|embed_positions)$")
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_peft.containers import ADAPTER_CONTAINER as CONTAINER
+from lightning_peft.containers import BASE_LAYER, DELTAS, PROMPT_HOST
 from lightning_peft.errors import PeftConfigError, preview
 from lightning_peft.layers import AdaptedLinear, AdapterState, adapt_linear, base_shape, restore_linear
 from lightning_peft.strategies.base import (
@@ -30,7 +32,6 @@ from lightning_peft.strategies.base import (
 )
 from lightning_peft.targets import check_patterns, is_linear, name_matches
 
-CONTAINER = "lightning_peft_adapter"
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 #: after the attention output projection and after the feed-forward output, per block (Section 2.1, Figure 2)
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -155,7 +156,7 @@ class Adapter(Strategy):
     def plan(self, model: nn.Module, ctx: ApplyContext) -> list[tuple[str, int]]:
         spec = self._targets(model)
         skip = re.compile(
-            rf"(^|\.)({CONTAINER}|lightning_peft_prompts)(\.|$)|\.base_layer(\.|$)|\.adapters(\.|$)"
+            rf"(^|\.)({CONTAINER}|{PROMPT_HOST})(\.|$)|\.{BASE_LAYER}(\.|$)|\.{DELTAS}(\.|$)"
         )
         names = [
             n

@@ -6,9 +6,10 @@
 - :class:`Unfreeze`: whole modules or parameters by name or regex (e.g. a new classification head).
 
 They own existing tensors (returned in ``Applied.parameters``, hence in the adapter state dict and checkpoints).
-There is no delta to fold: ``merge()`` leaves them as they are, and ``disable_adapters()`` cannot switch them
-off (the trained values *are* the model's). ``remove()`` restores the values saved when the strategy was
-applied (a CPU copy of the owned tensors, small for biases and norms).
+There is no delta to fold: ``merge()`` leaves them as they are. ``disable_adapters()`` (and switching to another
+adapter set) swaps their values for the base model's (see :mod:`lightning_peft.adapter_sets`). ``remove()``
+restores the values saved when the strategy was applied (a CPU copy of the owned tensors, small for biases and
+norms).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.containers import ADDED
 from lightning_peft.errors import PeftConfigError, preview
 from lightning_peft.strategies.base import Applied, ApplyContext, Strategy, register_strategy
 from lightning_peft.targets import check_patterns, name_matches
 
 # parameters that belong to other strategies (adapter deltas, prompt and bottleneck containers)
-_FOREIGN = re.compile(r"(^|\.)(adapters|lightning_peft_prompts|lightning_peft_adapters)\.")
+_FOREIGN = ADDED
 _NORM_CLASS = re.compile(r"(LayerNorm|RMSNorm)$")
 
 
