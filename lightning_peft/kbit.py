@@ -15,6 +15,7 @@ from lightning_peft.quantization import (
     layer_quantization,
     quantized_linear,
 )
+from lightning_peft.targets import conv1d_class
 
 
 def prepare_for_kbit_training(
@@ -92,6 +93,34 @@ def _relative_error(approx: Tensor, exact: Tensor) -> float:
     return float((approx.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-12))
 
 
+def plain_layer(
+    like: nn.Module, weight: Tensor, bias: Tensor | None, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """A frozen full-precision layer holding ``weight`` (out, in) and ``bias``, of ``like``'s original kind.
+
+    A GPT-2 ``Conv1D`` (the weight stored transposed, (in, out)) when ``like`` is one or is a bitsandbytes
+    layer quantized from one (:func:`~lightning_peft.targets.conv1d_class`), so the model keeps its
+    architecture and its checkpoint layout; else an ``nn.Linear``. ``dtype`` defaults to ``weight``'s; an ``nn.Linear`` holds
+    ``weight`` and ``bias`` themselves (no copy) when they already have it.
+    """
+    dtype = dtype or weight.dtype
+    out_features, in_features = weight.shape
+    conv = conv1d_class(like)
+    if conv is not None:
+        with torch.device("meta"):
+            layer = conv(out_features, in_features)
+        layer.weight = nn.Parameter(weight.t().to(dtype).contiguous(), requires_grad=False)
+        bias = bias if bias is not None else weight.new_zeros(out_features)  # Conv1D always has a bias
+        layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    else:
+        layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+        layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    layer.train(like.training)
+    return layer
+
+
 def merge_quantized_layer(
     layer: nn.Module, set_name: str, requantize: bool = False, dtype: torch.dtype | None = None
 ) -> float:
@@ -101,6 +130,8 @@ def merge_quantized_layer(
     precision (a new ``nn.Linear`` in ``dtype``, exact up to float rounding) or, with ``requantize``, is
     quantized again with the base layer's own settings, which adds a fresh rounding error on top of the
     first quantization (returned as ``||deq(Q(W')) - W'|| / ||W'||`` for the merged weight ``W'``).
+    A base quantized from a GPT-2 ``Conv1D`` becomes a ``Conv1D`` again (or a bitsandbytes layer that still
+    records it in ``source_cls``), so a later merged export writes the (in, out) layout GPT-2 loads.
     The original quantized layer is kept aside, so :func:`unmerge_quantized_layer` restores it bit for bit.
 
     Returns:
@@ -112,14 +143,10 @@ def merge_quantized_layer(
         return 0.0
     base = layer.base_layer
     weight, bias = layer.merged_weight(set_name)
-    plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
-    plain.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        plain.bias = nn.Parameter(bias, requires_grad=False)
-    plain.train(base.training)
+    plain = plain_layer(base, weight, bias)  # a Conv1D again if the base was quantized from one
     error = 0.0
     if requantize:
-        new = quantized_linear(plain, layer_quantization(base))
+        new = quantized_linear(plain, layer_quantization(base))  # transposes a Conv1D, records source_cls
         error = _relative_error(base_weight(new), weight)
     else:
         if dtype is None:  # the stack passes the model's float dtype; a layer alone only knows its bias
@@ -211,6 +238,7 @@ __all__ = [
     "logical_numel",
     "memory_report",
     "merge_quantized_layer",
+    "plain_layer",
     "prepare_for_kbit_training",
     "quantized_weight_bytes",
     "unmerge_quantized_layer",

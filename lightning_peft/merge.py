@@ -19,10 +19,12 @@ from torch import nn
 from lightning_peft.errors import PeftConfigError
 from lightning_peft.export import find_stack
 from lightning_peft.export_io import atomic_directory, write_json, write_tensors
+from lightning_peft.kbit import plain_layer
 from lightning_peft.layers import AdaptedLinear, base_weight, is_quantized
 from lightning_peft.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, hf_root, prompt_part_of
+from lightning_peft.quantization import keep_in_fp32_names
 from lightning_peft.stack import PeftStack
-from lightning_peft.targets import get_submodule_parent, is_conv1d, is_linear
+from lightning_peft.targets import get_submodule_parent, is_linear
 
 PROMPT_SUBFOLDER = "prompt"
 #: provenance of a merged folder (what was merged); also marks folders merge_and_export may overwrite
@@ -32,36 +34,29 @@ MERGE_MARKER = "lightning_peft_merge.json"
 def _plain_layer(
     base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
 ) -> nn.Module:
-    """A plain ``nn.Linear`` (or GPT-2 ``Conv1D``) holding ``weight`` (out, in) and ``bias``."""
-    out_features, in_features = weight.shape
-    device = weight.device
-    if is_conv1d(base):
-        layer = type(base)(out_features, in_features)
-        layer.weight = nn.Parameter(
-            weight.t().contiguous().to(device=device, dtype=dtype), requires_grad=False
-        )
-        layer.bias = nn.Parameter(
-            (bias if bias is not None else torch.zeros(out_features)).to(device=device, dtype=dtype),
-            requires_grad=False,
-        )
-        return layer
-    layer = nn.Linear(in_features, out_features, bias=bias is not None, device=device, dtype=dtype)
-    layer.weight.requires_grad_(False)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.requires_grad_(False)
-            layer.bias.copy_(bias)
-    return layer
+    """A plain ``nn.Linear`` (or GPT-2 ``Conv1D``) holding a copy of ``weight`` (out, in) and ``bias``.
+
+    ``Conv1D`` when ``base`` is one, or is a bitsandbytes layer quantized from one: the checkpoint must hold
+    GPT-2's (in, out) layout whatever the layer in memory is.
+    """
+    bias = bias.detach().to(dtype, copy=True) if bias is not None else None
+    return plain_layer(base, weight.detach().to(dtype, copy=True), bias, dtype)
 
 
 def _merged_layers(root: nn.Module, set_name: str, dtype: torch.dtype) -> dict[str, nn.Module]:
-    """Qualified name -> plain replacement for every adapted or quantized linear under ``root``."""
+    """Qualified name -> plain replacement for every adapted or quantized linear under ``root``.
+
+    Replacements take ``dtype``, except the modules transformers keeps in fp32 at that dtype
+    (:func:`~lightning_peft.quantization.keep_in_fp32_names`), which are written in fp32, as
+    ``save_pretrained`` of the model itself writes them.
+    """
+    fp32 = keep_in_fp32_names(root, dtype)
     out: dict[str, nn.Module] = {}
     inside: list[str] = []
     for name, module in root.named_modules():
         if any(name.startswith(p) for p in inside):
             continue
+        layer_dtype = torch.float32 if name in fp32 else dtype
         if isinstance(module, AdaptedLinear):
             inside.append(name + ".")
             if set_name in module.adapters and set_name not in module.merged:
@@ -69,10 +64,10 @@ def _merged_layers(root: nn.Module, set_name: str, dtype: torch.dtype) -> dict[s
             else:  # nothing of this set here, or already merged in place
                 weight = base_weight(module.base_layer).float()
                 bias = module.bias.detach().float() if module.bias is not None else None
-            out[name] = _plain_layer(module.base_layer, weight, bias, dtype)
+            out[name] = _plain_layer(module.base_layer, weight, bias, layer_dtype)
         elif is_linear(module) and is_quantized(module):
             bias = module.bias.detach().float() if module.bias is not None else None
-            out[name] = _plain_layer(module, base_weight(module).float(), bias, dtype)
+            out[name] = _plain_layer(module, base_weight(module).float(), bias, layer_dtype)
     return out
 
 

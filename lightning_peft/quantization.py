@@ -56,7 +56,8 @@ class Quantization:
         compute_dtype: dtype the 4-bit layers compute in: ``"float32"`` (default, as transformers),
             ``"bfloat16"`` or ``"float16"``. 4-bit modes only.
         skip_modules: module names (exact or dotted suffix) or a regex never quantized, in addition to the
-            output head and the modules the stack unfreezes. Each must match a module of the model.
+            output head, the modules the stack unfreezes and those a transformers model keeps in fp32
+            (``_keep_in_fp32_modules``, e.g. T5's ``wo``). Each must match a module of the model.
         quant_storage: dtype the packed 4-bit weights are stored as (``"uint8"`` by default; a float dtype
             lets FSDP shard them with the other weights). 4-bit modes only.
         int8_threshold: LLM.int8() outlier threshold on activations (paper Section 3.2 uses 6.0, the
@@ -163,9 +164,65 @@ def _settings(q: Quantization) -> tuple[Any, ...]:
     return (q.mode, q.double_quant, q.torch_compute_dtype, q.torch_quant_storage)
 
 
+KEEP_IN_FP32_ATTRS = ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
+
+
+def _fp32_patterns(module: nn.Module, attr: str) -> list[str]:
+    """The module names a transformers model lists in ``attr`` (a list or set of names; anything else: none).
+
+    An entry naming a parameter (``"gate.weight"``) stands for the module holding it.
+    """
+    value = getattr(module, attr, None)
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        return []
+    out = []
+    for entry in value:
+        if isinstance(entry, str) and entry:
+            for suffix in (".weight", ".bias"):
+                entry = entry.removesuffix(suffix)
+            out.append(entry)
+    return out
+
+
+def keep_in_fp32_names(model: nn.Module, dtype: torch.dtype | None = None) -> set[str]:
+    """Qualified names of the modules transformers keeps in full precision, so never quantizes.
+
+    These are the modules named in ``_keep_in_fp32_modules`` and ``_keep_in_fp32_modules_strict`` of
+    ``model`` and of every transformers model inside it (a LightningModule holding one, say), each entry
+    matching a module under that model by exact name or dotted suffix (T5's ``"wo"`` matches every
+    ``...DenseReluDense.wo``). Loading with ``BitsAndBytesConfig`` leaves the ``_keep_in_fp32_modules``
+    unquantized (T5, for one, casts its hidden states to ``wo.weight.dtype``, which a 4-bit ``wo`` stores as
+    uint8); the strict list, which transformers upcasts to fp32 whatever the model's dtype, is never
+    quantized either.
+
+    With ``dtype``, only the modules transformers would hold in fp32 for a model in that dtype, as its
+    loader's dtype plan: ``_keep_in_fp32_modules`` for ``float16``, ``_keep_in_fp32_modules_strict`` for
+    ``float16`` and ``bfloat16``; none for ``float32``.
+    """
+    attrs: tuple[str, ...] = KEEP_IN_FP32_ATTRS
+    if dtype is not None:
+        attrs = {torch.float16: KEEP_IN_FP32_ATTRS, torch.bfloat16: KEEP_IN_FP32_ATTRS[1:]}.get(dtype, ())
+    scopes = []
+    for prefix, module in model.named_modules():
+        patterns = [p for attr in attrs for p in _fp32_patterns(module, attr)]
+        if patterns:
+            scopes.append((prefix + "." if prefix else "", patterns))
+    if not scopes:
+        return set()
+    found = set()
+    for name, _ in model.named_modules():
+        for prefix, patterns in scopes:
+            inside = name.startswith(prefix) and name != prefix[:-1]
+            if inside and name_matches(name.removeprefix(prefix), patterns):
+                found.add(name)
+                break
+    return found
+
+
 def _skip_set(model: nn.Module, quantization: Quantization, skip: Iterable[str]) -> set[str]:
     names = [n for n, _ in model.named_modules() if n]
-    skipped = set(skip) | output_head_names(model)
+    # the output head, and the modules transformers keeps in fp32 (BitsAndBytesConfig skips them too)
+    skipped = set(skip) | output_head_names(model) | keep_in_fp32_names(model)
     spec = quantization.skip_modules
     if spec:
         patterns = [spec] if isinstance(spec, str) else list(spec)
@@ -281,9 +338,11 @@ def quantize_model(
     """Replace the model's linears by bitsandbytes layers holding the same weights, in place.
 
     Every ``nn.Linear`` and GPT-2 ``Conv1D`` (transposed) becomes a ``Linear4bit`` or ``Linear8bitLt``
-    quantized on the device its weight lives on, except the output head, the ``skip`` names (and everything
-    under them) and ``quantization.skip_modules``. Layers are converted one at a time, so peak memory is
-    the model plus one layer.
+    quantized on the device its weight lives on, except the output head, the modules a transformers model
+    keeps in fp32 (its ``_keep_in_fp32_modules`` and ``_keep_in_fp32_modules_strict``, see
+    :func:`keep_in_fp32_names`; transformers' ``BitsAndBytesConfig`` skips them too), the ``skip`` names
+    (and everything under them) and ``quantization.skip_modules``. Layers are converted one at a time, so
+    peak memory is the model plus one layer.
 
     Args:
         model: a built model with float weights and no adapters yet.
@@ -352,7 +411,8 @@ def bnb_config(quantization: Quantization) -> Any:
 
     Pass it to ``from_pretrained(path, quantization_config=..., dtype=<the dtype the weights were in>)``.
     When ``skip_modules`` is given, transformers stops detecting the output head itself, so the usual
-    head names (``lm_head``, ``score``, ``classifier``) are added to the skip list.
+    head names (``lm_head``, ``score``, ``classifier``) are added to the skip list. transformers leaves the
+    model's ``_keep_in_fp32_modules`` unquantized itself, as :func:`quantize_model` does.
     """
     from transformers import BitsAndBytesConfig
 
@@ -383,6 +443,7 @@ __all__ = [
     "bnb_config",
     "detect_quantization",
     "is_bnb_layer",
+    "keep_in_fp32_names",
     "keep_standard_layout",
     "layer_quantization",
     "plan_quantization",

@@ -22,6 +22,22 @@ def is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
 
 
+def conv1d_class(module: nn.Module) -> type[nn.Module] | None:
+    """The GPT-2 ``Conv1D`` class ``module`` is, or was before bitsandbytes replaced it; else ``None``.
+
+    ``Conv1D`` stores its weight (in, out), transposed against ``nn.Linear``. A bitsandbytes layer quantized
+    from one holds the weight (out, in) and keeps the original class in ``source_cls`` (set by
+    :func:`~lightning_peft.quantization.quantized_linear`, and by transformers when it quantizes on load), so
+    whatever writes the layer back as a full-precision checkpoint must transpose it again.
+    """
+    if is_conv1d(module):
+        return type(module)
+    source = getattr(module, "source_cls", None)
+    if Conv1D is not None and isinstance(source, type) and issubclass(source, Conv1D):
+        return source
+    return None
+
+
 def is_linear(module: nn.Module) -> bool:
     """A plain, bitsandbytes (subclasses of nn.Linear) or GPT-2 Conv1D linear layer."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
