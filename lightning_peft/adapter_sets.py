@@ -228,32 +228,74 @@ def deactivate(model: nn.Module) -> None:
     Raises:
         AdapterStateError: a set is merged into the base (call :func:`unmerge_adapter_set` first).
     """
-    state = find_state(model)
+    _deactivate(find_state(model), "deactivate adapters")
+
+
+def _deactivate(state: AdapterState, what: str) -> None:
     merged = _merged(state)
     if merged is not None:
         raise AdapterStateError(
-            f"cannot deactivate adapters: set {merged!r} is merged into the base weights; call "
-            "unmerge_adapter_set(model) first"
+            f"cannot {what}: set {merged!r} is merged into the base weights; call unmerge_adapter_set(model) "
+            "(or stack.unmerge()) first"
         )
     _switch(state, None)
 
 
 @contextlib.contextmanager
+def disabled(state: AdapterState) -> Iterator[None]:
+    """The one implementation behind :func:`disable_adapters` and :meth:`PeftStack.disable_adapters`.
+
+    Tensors trained in place are swapped by copying values, which bumps their autograd version counters. On the
+    way out the active set's values are copied back bit for bit, so their counters are put back too: a graph
+    built before the block (the adapted forward) can still be backpropagated after it, as with ``peft`` (e.g. a
+    reference pass without adapters between a policy forward and its backward). A graph built inside the block
+    still fails after it if backpropagated, since the values it saw are gone.
+    """
+    previous = state.active
+    if previous is None:  # nothing active: the base values are in place already
+        yield
+        return
+    versions = [(t, t._version) for t, _ in _registries(state)[0]]
+    _deactivate(state, "disable adapters")
+    try:
+        yield
+    finally:
+        if previous in state.stacks and _merged(state) is None:
+            _switch(state, previous)
+            _reset_versions(versions)
+
+
+def _reset_versions(versions: list[tuple[Tensor, int]]) -> None:
+    """Give tensors whose values were restored exactly their autograd version counters back (best effort)."""
+    setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if setter is None or not versions:
+        return
+    try:
+        setter(tuple(t for t, _ in versions), tuple(v for _, v in versions))
+    except (TypeError, RuntimeError):  # another torch signature: the counters stay bumped
+        return
+
+
+@contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Inside the block no set is active (the base model's output); the previously active set comes back after.
+    """Inside the block the model computes the base model's output; the previously active set comes back after.
+
+    No adapter set is active in the block: every set's deltas (LoRA, AdaLoRA, IA3), prompts and bottleneck
+    adapters are off, and the tensors a set trains in place in the base model (``unfreeze`` modules such as a new
+    classification head, and the parameters of BitFit / LayerNormTuning / Unfreeze) hold the base model's values.
+    This is ``peft``'s ``with model.disable_adapter():``, where ``modules_to_save`` also fall back to the original
+    modules. ``stack.disable_adapters()`` is the same.
+
+    Raises:
+        AdapterStateError: a set is merged into the base weights (unmerge it first: the base weights then hold
+            that set, so no switch could give the base model's output).
 
     Example:
         >>> with disable_adapters(model):
         ...     reference = model(input_ids).logits
     """
-    state = find_state(model)
-    previous = state.active
-    deactivate(model)
-    try:
+    with disabled(find_state(model)):
         yield
-    finally:
-        if previous is not None and previous in state.stacks:
-            _switch(state, previous)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lightning_peft.errors import AdapterStateError, preview
+from lightning_peft.containers import ADAPTER_CONTAINER, DELTAS, PROMPT_HOST
+from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
 from lightning_peft.export_io import atomic_directory, sha256_file, write_json, write_tensors
 from lightning_peft.layers import AdaptedLinear, base_shape, get_state
 from lightning_peft.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, build_peft_export, hf_root
-from lightning_peft.stack import PeftStack, apply_peft
+from lightning_peft.stack import DEFAULT_SET, PeftStack, apply_peft
 from lightning_peft.targets import is_linear
 
 MANIFEST_NAME = "lightning_peft.json"
@@ -307,14 +309,36 @@ def _rebase(manifest: dict[str, Any], model: nn.Module) -> tuple[dict[str, Any],
     return manifest, prefix
 
 
+def rename_set_keys(state: dict[str, Tensor], old: str, new: str) -> dict[str, Tensor]:
+    """``state`` with the keys of adapter set ``old`` renamed to set ``new``.
+
+    A set's own tensors live in per-set containers (``<layer>.adapters.<set>.*``,
+    ``<module>.lightning_peft_adapter.<set>.*``, ``lightning_peft_prompts.sets.<set>.*``); only the set segment
+    right after one of those containers is renamed, so a base module that happens to share the set's name, and
+    the tensors a set trains in place in the base (an unfrozen head, BitFit's biases), keep their keys.
+    """
+    if old == new:
+        return dict(state)
+    containers = "|".join(re.escape(c) for c in (DELTAS, ADAPTER_CONTAINER, f"{PROMPT_HOST}.sets"))
+    pattern = re.compile(rf"(^|\.)({containers})\.{re.escape(old)}(\.|$)")
+    return {pattern.sub(lambda m: f"{m[1]}{m[2]}.{new}{m[3]}", k): v for k, v in state.items()}
+
+
 def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None = None) -> PeftStack:
     """Rebuild the saved stack on a fresh base ``model`` and load its adapter tensors (bit for bit).
+
+    The set can be loaded under any ``name``, whatever name it was saved under: folders written by the ``PEFT``
+    callback and ``AdapterExport`` hold the callback's set name (``"default"`` unless ``PEFT(name=...)``), and
+    two of them load side by side as ``load_adapters(model, a, name="task_a")`` and
+    ``load_adapters(model, b, name="task_b")``.
 
     Args:
         model: the base model the adapters were trained on, without them (built or loaded the same way); the
             bare transformers model works too when the adapters were saved from a LightningModule around it.
+            It may already hold other adapter sets (see :mod:`lightning_peft.adapter_sets`).
         dirpath: a folder written by :func:`save_adapters` (or the ``AdapterExport`` callback).
-        name: adapter set name to apply under (default: the saved one).
+        name: adapter set name to apply under (default: the saved one); a name already on ``model`` is refused
+            (:func:`~lightning_peft.adapter_sets.unload` that set first).
 
     Returns:
         The new stack. Any mismatch (other architecture, sizes, target modules, missing or unexpected tensors,
@@ -325,11 +349,23 @@ def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None
     """
     folder = Path(dirpath)
     manifest, prefix = _rebase(read_manifest(folder), model)
+    desc = manifest["stack"]
+    saved_name = desc.get("name", DEFAULT_SET)
+    name = name or saved_name
+    if not isinstance(name, str) or not name.isidentifier():
+        raise PeftConfigError(f"name={name!r} is not valid; use a Python identifier such as 'default' or 'task_a'")
+    existing = get_state(model)
+    if existing is not None and name in existing.stacks:
+        raise PeftConfigError(
+            f"name={name!r} is taken: {type(model).__name__} already has an adapter set named {name!r} "
+            f"({existing.stacks[name].describe_short()}); load under another name=, or unload(model, {name!r}) "
+            "first to replace it"
+        )
     check_base(model, manifest)
     state = read_adapter_tensors(folder, read_manifest(folder))
     if prefix:
         state = {k.removeprefix(prefix): v for k, v in state.items()}
-    desc = manifest["stack"]
+    state = rename_set_keys(state, saved_name, name)
     extras: dict[str, Any] = {}
     if desc.get("quantization"):
         from lightning_peft.callbacks.checkpointing import _apply_extras
@@ -340,7 +376,7 @@ def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None
         model,
         desc["strategies"],
         unfreeze=desc.get("unfreeze") or None,
-        name=name or desc.get("name", "default"),
+        name=name,
         **extras,
     )
     try:
@@ -380,5 +416,6 @@ __all__ = [
     "load_adapters",
     "read_adapter_tensors",
     "read_manifest",
+    "rename_set_keys",
     "save_adapters",
 ]

@@ -104,7 +104,8 @@ class PEFTMixin:
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         stack = self.peft_stack
         if stack is not None:
-            trim_checkpoint(self, stack, checkpoint, self.peft_model_attr)  # type: ignore[arg-type]
+            trim_checkpoint(self, stack, checkpoint, self.peft_model_attr,  # type: ignore[arg-type]
+                            load_with=f"{type(self).__name__}.load_from_checkpoint(path)")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.peft_stack is None:

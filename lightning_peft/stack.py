@@ -149,14 +149,18 @@ class PeftStack:
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
-        """Inside the block the model computes the base model's output."""
-        state = self.ctx.state
-        previous = state.active
-        state.active = None
-        try:
+        """Inside the block the model computes the base model's output; the active set comes back after.
+
+        The same as :func:`lightning_peft.disable_adapters` on this stack's model: no adapter set is active, and
+        tensors trained in place (``unfreeze`` modules such as a new head, selective strategies' parameters) hold
+        the base model's values, as ``peft``'s ``disable_adapter()`` routes ``modules_to_save`` to the original
+        modules. Raises :class:`~lightning_peft.errors.AdapterStateError` while a set is merged (``unmerge()``
+        first).
+        """
+        from lightning_peft.adapter_sets import disabled
+
+        with disabled(self.ctx.state):
             yield
-        finally:
-            state.active = previous
 
     def merge(self, requantize: bool = False) -> dict[str, float]:
         """Fold every mergeable delta into the base weights; the model's output is unchanged.

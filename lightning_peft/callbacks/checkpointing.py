@@ -8,8 +8,11 @@ hooks, and everything else stays in the core.
 
 from __future__ import annotations
 
+import io
+import os
 import types
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -22,6 +25,8 @@ from lightning_peft.strategies.base import Strategy
 
 CHECKPOINT_KEY = "lightning_peft"
 _HOOKED = "_lightning_peft_hooked"
+#: model_attr -> the getter of the stack a PEFT callback keeps on that part of the module (latest callback wins)
+_GETTERS = "_lightning_peft_stack_getters"
 
 
 def peft_target(pl_module: nn.Module, model_attr: str | None) -> nn.Module:
@@ -46,17 +51,46 @@ def checkpoint_meta(stack: PeftStack, model_attr: str | None) -> dict[str, Any]:
     return {"stack": stack.describe(), "model_attr": model_attr}
 
 
-def trim_checkpoint(pl_module: nn.Module, stack: PeftStack, checkpoint: dict[str, Any],
-                    model_attr: str | None) -> None:
-    """Keep only what training changed in ``checkpoint["state_dict"]`` and record the stack's description."""
+def default_load_hint(pl_module: nn.Module) -> str:
+    """How to load an adapter-only checkpoint of a module whose class knows nothing of PEFT."""
+    cls = type(pl_module).__name__
+    return (
+        f"adapter-only checkpoint (the frozen backbone is not in it): {cls}.load_from_checkpoint(path) alone fails "
+        f"with the backbone's keys missing; use lightning_peft.callbacks.load_peft_checkpoint({cls}, path, "
+        f"**init_kwargs), or trainer.fit/validate/test(..., ckpt_path=path) with the same PEFT callback"
+    )
+
+
+def trim_checkpoint(pl_module: nn.Module, stack: PeftStack | Sequence[tuple[PeftStack, str | None]],
+                    checkpoint: dict[str, Any], model_attr: str | None = None, load_with: str | None = None) -> None:
+    """Keep only what training changed in ``checkpoint["state_dict"]`` and record the stacks' descriptions.
+
+    Args:
+        pl_module: the module whose state dict the checkpoint holds.
+        stack: the stack, or ``(stack, model_attr)`` pairs when several PEFT callbacks adapt parts of the module.
+        checkpoint: the checkpoint dict Lightning is about to write.
+        model_attr: where ``stack`` sits on ``pl_module`` (with a single stack).
+        load_with: how to load the checkpoint, recorded as ``checkpoint["lightning_peft"]["load_with"]``.
+    """
     state_dict = checkpoint.get("state_dict")
     if state_dict is None:
         return
-    keys = set(stack.adapter_keys(root=pl_module))
+    pairs = [(stack, model_attr)] if isinstance(stack, PeftStack) else list(stack)
+    keys = {k for s, _ in pairs for k in s.adapter_keys(root=pl_module)}
     checkpoint["state_dict"] = type(state_dict)((k, v) for k, v in state_dict.items() if k in keys)
-    checkpoint[CHECKPOINT_KEY] = checkpoint_meta(stack, model_attr)
+    checkpoint[CHECKPOINT_KEY] = {
+        **checkpoint_meta(*pairs[0]),  # the first set at the top, as before several sets were recorded
+        "sets": [checkpoint_meta(s, attr) for s, attr in pairs],
+        "adapter_only": True,
+        "load_with": load_with or default_load_hint(pl_module),
+    }
     if "hyper_parameters" in checkpoint:
         checkpoint["hyper_parameters"] = _plain(checkpoint["hyper_parameters"])
+
+
+def checkpoint_sets(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """``{"stack": description, "model_attr": ...}`` of every set recorded in a checkpoint's lightning_peft section."""
+    return list(meta.get("sets") or [{"stack": meta["stack"], "model_attr": meta.get("model_attr")}])
 
 
 def _plain(value: Any) -> Any:
@@ -71,13 +105,27 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_checkpoint(pl_module: nn.Module, stack: PeftStack, checkpoint: dict[str, Any]) -> None:
-    """Before Lightning loads a (non-strict) state dict: every adapter key must be there with its shape."""
+def check_checkpoint(pl_module: nn.Module, stack: PeftStack, checkpoint: dict[str, Any],
+                     model_attr: str | types.EllipsisType | None = ...) -> None:
+    """Before Lightning loads a (non-strict) state dict: every adapter key must be there with its shape.
+
+    ``model_attr`` (where ``stack`` sits on ``pl_module``) picks the recorded set to compare with when the
+    checkpoint holds several; by default the set of the same name.
+    """
     state_dict = checkpoint.get("state_dict", {})
     stack.check_adapter_state_dict(state_dict, root=pl_module, strict=False)
     meta = checkpoint.get(CHECKPOINT_KEY)
     if meta is not None:
-        saved = [s["name"] for s in meta["stack"]["strategies"]]
+        recorded = checkpoint_sets(meta)
+        match = [e for e in recorded if e["stack"].get("name") == stack.name
+                 and (model_attr is ... or e.get("model_attr") == model_attr)]
+        entry = match[0] if match else recorded[0] if len(recorded) == 1 else None
+        if entry is None:
+            names = [f"{e['stack'].get('name')!r} (model_attr={e.get('model_attr')!r})" for e in recorded]
+            raise AdapterStateError(
+                f"checkpoint holds adapter sets {preview(names)}, none of them this run's {stack.describe_short()}"
+            )
+        saved = [s["name"] for s in entry["stack"]["strategies"]]
         ours = [s.name for s in stack.strategies]
         if saved != ours:
             raise AdapterStateError(
@@ -87,23 +135,33 @@ def check_checkpoint(pl_module: nn.Module, stack: PeftStack, checkpoint: dict[st
 
 def install_checkpoint_hooks(pl_module: L.LightningModule, get_stack: Callable[[], PeftStack | None],
                              model_attr: str | None) -> None:
-    """Wrap the module's ``on_save_checkpoint`` / ``on_load_checkpoint`` (once) so checkpoints hold adapters only."""
+    """Wrap the module's ``on_save_checkpoint`` / ``on_load_checkpoint`` (once) so checkpoints hold adapters only.
+
+    Each call registers ``get_stack`` for ``model_attr`` (replacing an earlier callback's getter for the same
+    part of the module, e.g. a previous fit's); checkpoints hold the adapters of every registered stack.
+    """
+    getters: dict[str | None, Callable[[], PeftStack | None]] = pl_module.__dict__.setdefault(_GETTERS, {})
+    getters[model_attr] = get_stack
     if pl_module.__dict__.get(_HOOKED):
         return
     original_save = pl_module.on_save_checkpoint
     original_load = pl_module.on_load_checkpoint
 
+    def stacks() -> list[tuple[PeftStack, str | None]]:
+        found = [(get(), attr) for attr, get in getters.items()]
+        return [(stack, attr) for stack, attr in found if stack is not None]
+
     def on_save_checkpoint(self: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         original_save(checkpoint)
-        stack = get_stack()
-        if stack is not None:
-            trim_checkpoint(self, stack, checkpoint, model_attr)
+        pairs = stacks()
+        if pairs:
+            trim_checkpoint(self, pairs, checkpoint)
 
     def on_load_checkpoint(self: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         original_load(checkpoint)
-        stack = get_stack()
-        if stack is not None and CHECKPOINT_KEY in checkpoint:
-            check_checkpoint(self, stack, checkpoint)
+        if CHECKPOINT_KEY in checkpoint:
+            for stack, attr in stacks():
+                check_checkpoint(self, stack, checkpoint, attr)
 
     pl_module.on_save_checkpoint = types.MethodType(on_save_checkpoint, pl_module)
     pl_module.on_load_checkpoint = types.MethodType(on_load_checkpoint, pl_module)
@@ -128,29 +186,72 @@ def check_optimizer_coverage(trainer: L.Trainer, pl_module: nn.Module) -> None:
         )
 
 
-def restore_from_checkpoint(module: nn.Module, checkpoint: str | dict[str, Any]) -> PeftStack:
-    """Rebuild the checkpoint's stack on ``module`` (a LightningModule) and load its adapter weights.
+def restore_from_checkpoint(module: nn.Module, checkpoint: str | os.PathLike | dict[str, Any]) -> PeftStack:
+    """Rebuild the checkpoint's stacks on ``module`` (a LightningModule) and load their adapter weights.
 
     For modules trained with the :class:`~lightning_peft.callbacks.PEFT` callback, whose own class knows
-    nothing of PEFT: ``module = MyModule.load_from_checkpoint(path, strict=False)`` followed by
-    ``restore_from_checkpoint(module, path)``.
+    nothing of PEFT; :func:`load_peft_checkpoint` builds the module and calls this in one go. Every adapter set
+    the checkpoint holds (one per PEFT callback of the run) is restored.
+
+    Returns:
+        The stack of the first set the checkpoint records (the only one with a single PEFT callback).
     """
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     meta = checkpoint.get(CHECKPOINT_KEY)
     if meta is None:
         raise AdapterStateError("checkpoint has no lightning_peft section; it was not written by a PEFT run")
-    desc = meta["stack"]
-    target = peft_target(module, meta.get("model_attr"))
     from lightning_peft.layers import get_state
 
-    state = get_state(target)
-    stack = state.stacks.get(desc["name"]) if state is not None else None
-    if stack is None:
-        stack = apply_peft(target, desc["strategies"], unfreeze=desc.get("unfreeze") or None, name=desc["name"],
-                           **_apply_extras(desc))
-    stack.load_adapter_state_dict(checkpoint["state_dict"], root=module, strict=False)
-    return stack
+    restored: list[PeftStack] = []
+    for entry in checkpoint_sets(meta):
+        desc = entry["stack"]
+        target = peft_target(module, entry.get("model_attr"))
+        state = get_state(target)
+        stack = state.stacks.get(desc["name"]) if state is not None else None
+        if stack is None:
+            stack = apply_peft(target, desc["strategies"], unfreeze=desc.get("unfreeze") or None,
+                               name=desc["name"], **_apply_extras(desc))
+        stack.load_adapter_state_dict(checkpoint["state_dict"], root=module, strict=False)
+        restored.append(stack)
+    return restored[0]
+
+
+def load_peft_checkpoint(module_cls: type[L.LightningModule], checkpoint_path: str | os.PathLike,
+                         map_location: Any = None, **kwargs: Any) -> L.LightningModule:
+    """``module_cls.load_from_checkpoint(checkpoint_path, **kwargs)`` for checkpoints the PEFT callback wrote.
+
+    Such checkpoints hold the adapters only, so Lightning's own loader cannot fill the module's frozen backbone
+    from them (it fails listing the backbone's keys, or with ``strict=False`` leaves the adapters out). This
+    builds the module as Lightning does (saved hyperparameters, then ``kwargs``), with the backbone as
+    ``__init__`` makes it (the pretrained weights), applies every recorded adapter set and loads its weights.
+    Tensors the sets train in place (e.g. an unfrozen head) keep the base model's values as their base, so
+    ``disable_adapters`` still gives the base model's output. A checkpoint without adapters, or a module class
+    that restores PEFT itself (:class:`~lightning_peft.PEFTMixin`), is loaded by ``load_from_checkpoint``.
+
+    Args:
+        module_cls: the LightningModule class that was trained.
+        checkpoint_path: the ``.ckpt`` file.
+        map_location: as for ``load_from_checkpoint``.
+        kwargs: ``__init__`` arguments overriding the saved hyperparameters, as for ``load_from_checkpoint``.
+
+    Example:
+        >>> module = load_peft_checkpoint(Classifier, "checkpoints/last.ckpt", path=base_model_path)
+    """
+    from lightning_peft.mixin import PEFTMixin
+
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    if CHECKPOINT_KEY not in checkpoint or issubclass(module_cls, PEFTMixin):
+        return module_cls.load_from_checkpoint(checkpoint_path, map_location=map_location, **kwargs)
+    # Lightning builds the module from everything but the state dict: the backbone stays as __init__ made it
+    buffer = io.BytesIO()
+    torch.save({**checkpoint, "state_dict": {}}, buffer)
+    buffer.seek(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(contains no parameters|Found keys that are in the model)")
+        module = module_cls.load_from_checkpoint(buffer, map_location=map_location, strict=False, **kwargs)
+    restore_from_checkpoint(module, checkpoint)
+    return module
 
 
 def _apply_extras(desc: dict[str, Any]) -> dict[str, Any]:

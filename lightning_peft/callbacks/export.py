@@ -71,6 +71,9 @@ class AdapterExport(Callback):
         every_checkpoint: export beside every checkpoint Lightning saves.
         final: export ``final/`` at the end of ``fit``.
         uniform_rank: one rank and ``lora_alpha`` for the whole LoRA part (for vLLM / llama.cpp).
+        name: the adapter set to export (the ``PEFT`` callback's ``name``) when the module holds several, e.g.
+            with one ``PEFT`` callback per model part; default: the active set. The folder records the set under
+            its name; :func:`~lightning_peft.load_adapters` can load it under any other.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[PEFT([LoRA(r=8)]), ModelCheckpoint(save_top_k=2, monitor="val_loss"),
@@ -83,8 +86,10 @@ class AdapterExport(Callback):
         every_checkpoint: bool = True,
         final: bool = True,
         uniform_rank: bool = False,
+        name: str | None = None,
     ) -> None:
         self.dirpath = dirpath
+        self.name = name
         self.every_checkpoint = every_checkpoint
         self.final = final
         self.uniform_rank = uniform_rank
@@ -122,14 +127,16 @@ class AdapterExport(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.final and trainer.is_global_zero:
-            save_adapters(find_stack(pl_module), self.final_folder(trainer), uniform_rank=self.uniform_rank)
+            stack = find_stack(pl_module, self.name)
+            save_adapters(stack, self.final_folder(trainer), uniform_rank=self.uniform_rank)
 
     # -- called by the CheckpointIO wrapper -------------------------------------------------------------------
     def _export_for(self, checkpoint_path: Any) -> None:
         trainer, pl_module = self._trainer, self._pl_module
         if trainer is None or pl_module is None or not trainer.is_global_zero:
             return
-        save_adapters(find_stack(pl_module), self.folder_for(checkpoint_path), uniform_rank=self.uniform_rank)
+        stack = find_stack(pl_module, self.name)
+        save_adapters(stack, self.folder_for(checkpoint_path), uniform_rank=self.uniform_rank)
 
     def _remove_for(self, checkpoint_path: Any) -> None:
         trainer = self._trainer

@@ -111,12 +111,14 @@ def strategy_from_config(config: dict[str, Any] | Strategy) -> Strategy:
 
 
 def check_positive(value: Any, argument: str, *, integer: bool = True, allow_zero: bool = False) -> None:
+    """Raise :class:`PeftConfigError` naming ``argument`` unless ``value`` is a positive (or, with ``allow_zero``,
+    non-negative) integer, or any real number when ``integer=False``; ``bool`` is never accepted."""
     kind = int if integer else (int, float)
     ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
     if not ok:
-        what = "integer" if integer else "number"
+        what = "an integer" if integer else "a number"
         bound = ">= 0" if allow_zero else "> 0"
-        raise PeftConfigError(f"{argument}={value!r} is not valid; expected an {what} {bound}")
+        raise PeftConfigError(f"{argument}={value!r} is not valid; expected {what} {bound}")
 
 
 def check_probability(value: Any, argument: str) -> None:
