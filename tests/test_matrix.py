@@ -89,6 +89,8 @@ def build(cell: Cell, precision: str | None = None):
 def precision_context(precision: str):
     if precision == "bf16-mixed":
         return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast("cpu", dtype=torch.float16)
     return contextlib.nullcontext()
 
 
