@@ -135,3 +135,14 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+def test_api_page_covers_the_public_api() -> None:
+    import lightning_peft
+    import lightning_peft.callbacks
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    documented = set(re.findall(r"^::: (lightning_peft(?:\.callbacks)?\.\w+)$", page, re.M))
+    public = {f"lightning_peft.{n}" for n in lightning_peft.__all__ if n != "__version__"}
+    public |= {f"lightning_peft.callbacks.{n}" for n in lightning_peft.callbacks.__all__}
+    assert public <= documented, sorted(public - documented)
