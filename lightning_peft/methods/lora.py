@@ -69,7 +69,7 @@ class LoRA(LayerStrategy):
         r: rank of the update.
         alpha: scale numerator; the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
         dropout: dropout on the layer input of the LoRA branch, drawn independently per layer as in ``peft``
-            (see :func:`lightning_peft.core.layer.project`).
+            (see :func:`lightning_peft.ops.dropout.project`).
         target_modules: exact names or dotted suffixes (``["query", "value"]``), a regex matching the whole
             qualified name, or ``"all-linear"`` (every linear except the output head; QLoRA, Section 4, found
             adapting all linears necessary to match full fine-tuning).

@@ -24,7 +24,7 @@ def plain_layer(
     """A frozen full-precision layer holding ``weight`` (out, in) and ``bias``, of ``like``'s original kind.
 
     A GPT-2 ``Conv1D`` (the weight stored transposed, (in, out)) when ``like`` is one or is a bitsandbytes
-    layer quantized from one (:func:`~lightning_peft.core.targets.conv1d_class`), so the model keeps its
+    layer quantized from one (:func:`~lightning_peft.core.backend.conv1d_class`), so the model keeps its
     architecture and its checkpoint layout; else an ``nn.Linear``. ``dtype`` defaults to ``weight``'s; an ``nn.Linear`` holds
     ``weight`` and ``bias`` themselves (no copy) when they already have it.
     """

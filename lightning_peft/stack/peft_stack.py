@@ -143,7 +143,7 @@ class PeftStack(StackHandle):
         A quantized (bitsandbytes) base is dequantized and the deltas added; the merged layer stays in full
         precision (an ``nn.Linear`` in the model's float dtype), or with ``requantize=True`` is quantized
         again with the same settings, which adds rounding error (see
-        :func:`~lightning_peft.quantization.merge_quantized_layer`). ``unmerge`` restores the quantized base.
+        :func:`~lightning_peft.quantization.merge.merge_quantized_layer`). ``unmerge`` restores the quantized base.
 
         Returns:
             Per quantized layer name, the relative weight error re-quantization added (0.0 in full precision).
