@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from lightning_peft import LoRA, activate, apply_peft, get_stack
-from lightning_peft.kbit import quantized_weight_bytes
-from lightning_peft.quantization import Quantization, is_bnb_layer
+from lightning_peft.quantization import Quantization, is_bnb_layer, quantized_weight_bytes
 
 MIB = 2**20
 

@@ -31,7 +31,7 @@ from helpers import ClassifierModule, classification_data, loader, tiny_bert
 
 from lightning_peft import AdaLoRA, LoRA, PromptTuning
 from lightning_peft.callbacks import PEFT, RankBudgetScheduler
-from lightning_peft.callbacks.export import AdapterExport
+from lightning_peft.lightning.export_callback import AdapterExport
 
 warnings.filterwarnings("ignore")
 

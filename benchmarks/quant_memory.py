@@ -49,8 +49,7 @@ def build(smoke: bool) -> nn.Module:
 
 
 def main() -> None:
-    from lightning_peft.kbit import memory_report
-    from lightning_peft.quantization import Quantization, quantize_model
+    from lightning_peft.quantization import Quantization, memory_report, quantize_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model")

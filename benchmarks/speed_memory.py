@@ -99,8 +99,7 @@ def make_model(method: str, base, model_name: str, task: str, quant: str, steps:
         strategies = [PromptTuning(num_virtual_tokens=20)]
     stack = apply_peft(model, strategies, unfreeze=head, quantize=q)
     if method == "adalora":
-        from lightning_peft.strategies.adalora import orthogonal_regularization
-        from lightning_peft.strategies.adalora_allocator import RankAllocator
+        from lightning_peft.methods.adalora import RankAllocator, orthogonal_regularization
 
         alloc = RankAllocator.from_model(stack, **sched)
         return model, alloc.step, lambda: orthogonal_regularization(stack)

@@ -125,8 +125,7 @@ def build(row: str, args, seed: int):
             quantize = Quantization("nf4", double_quant=True)
     stack = apply_peft(model, strategies, unfreeze=["classifier"], quantize=quantize)
     if any(s.name == "adalora" for s in strategies):
-        from lightning_peft.strategies.adalora import orthogonal_regularization
-        from lightning_peft.strategies.adalora_allocator import RankAllocator
+        from lightning_peft.methods.adalora import RankAllocator, orthogonal_regularization
 
         alloc = RankAllocator.from_model(stack, **sched)
         allocator = alloc.step

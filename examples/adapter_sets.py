@@ -14,7 +14,7 @@ from lightning_peft import (
     list_adapter_sets,
     unload,
 )
-from lightning_peft.export import load_adapters, save_adapters
+from lightning_peft.io import load_adapters, save_adapters
 from lightning_peft.quantization import Quantization
 
 config = LlamaConfig(

@@ -1,8 +1,33 @@
-"""lightning-peft: parameter-efficient fine-tuning as composable PyTorch Lightning callbacks."""
+"""lightning-peft: parameter-efficient fine-tuning as composable PyTorch Lightning callbacks.
 
-__version__ = "0.1.0"
+Importing the package loads neither Lightning nor jsonargparse: the names that need Lightning (``PEFTMixin``)
+are imported when first used.
+"""
 
-from lightning_peft.adapter_sets import (
+from typing import Any
+
+from lightning_peft.core.layer import AdaptedLinear, Delta
+from lightning_peft.core.state import get_stack
+from lightning_peft.errors import AdapterStateError, PeftConfigError
+from lightning_peft.io.adapters import load_adapters, save_adapters
+from lightning_peft.io.merged import merge_and_export
+from lightning_peft.methods.adalora import AdaLoRA, RankAllocator, orthogonal_regularization
+from lightning_peft.methods.base import (
+    Strategy,
+    register_strategy,
+    registered_strategies,
+    strategy_from_config,
+)
+from lightning_peft.methods.bottleneck import Adapter
+from lightning_peft.methods.ia3 import IA3
+from lightning_peft.methods.lora import LoRA
+from lightning_peft.methods.prompt import PromptTuning, PTuning
+from lightning_peft.methods.selective import BitFit, LayerNormTuning, Unfreeze
+from lightning_peft.quantization.config import Quantization, bnb_config
+from lightning_peft.quantization.convert import quantize_model
+from lightning_peft.quantization.kbit import prepare_for_kbit_training
+from lightning_peft.stack.peft_stack import PeftStack, apply_peft
+from lightning_peft.stack.sets import (
     activate,
     active_adapters,
     deactivate,
@@ -12,28 +37,26 @@ from lightning_peft.adapter_sets import (
     unload,
     unmerge_adapter_set,
 )
-from lightning_peft.errors import AdapterStateError, PeftConfigError
-from lightning_peft.export import load_adapters, save_adapters
-from lightning_peft.kbit import prepare_for_kbit_training
-from lightning_peft.layers import AdaptedLinear, Delta
-from lightning_peft.merge import merge_and_export
-from lightning_peft.mixin import PEFTMixin
-from lightning_peft.quantization import Quantization, bnb_config, quantize_model
-from lightning_peft.stack import PeftStack, apply_peft, get_stack
-from lightning_peft.strategies import (
-    LoRA,
-    Strategy,
-    register_strategy,
-    registered_strategies,
-    strategy_from_config,
-)
-from lightning_peft.strategies.adalora import AdaLoRA, orthogonal_regularization
-from lightning_peft.strategies.adalora_allocator import RankAllocator
-from lightning_peft.strategies.adapter import Adapter
-from lightning_peft.strategies.ia3 import IA3
-from lightning_peft.strategies.prompt_tuning import PromptTuning
-from lightning_peft.strategies.ptuning import PTuning
-from lightning_peft.strategies.selective import BitFit, LayerNormTuning, Unfreeze
+from lightning_peft.version import __version__
+
+#: public names that need Lightning, by the module that defines them (imported on first access)
+_LAZY = {"PEFTMixin": "lightning_peft.lightning.mixin"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_peft' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Adapter",
@@ -76,20 +99,3 @@ __all__ = [
     "registered_strategies",
     "strategy_from_config",
 ]
-
-
-def _enable_strategy_subclasses_in_cli() -> None:
-    """Let LightningCLI / jsonargparse take any strategy where ``Strategy`` is annotated.
-
-    jsonargparse treats dataclasses as final types, so ``strategies: list[Strategy]`` would refuse
-    ``class_path: lightning_peft.LoRA``; enabling subclasses for ``Strategy`` makes YAML like
-    ``- class_path: LoRA`` + ``init_args: {r: 8}`` work for the task modules, the mixin and the PEFT callback.
-    """
-    try:
-        from jsonargparse import set_parsing_settings
-    except ImportError:  # jsonargparse is only needed for the CLI
-        return
-    set_parsing_settings(subclasses_enabled=[Strategy])
-
-
-_enable_strategy_subclasses_in_cli()

@@ -1,4 +1,4 @@
-"""Writes the shipped sentiment demo data, lightning_peft/data/sentiment_{train,validation}.tsv.
+"""Writes the shipped sentiment demo data, lightning_peft/cli/data/sentiment_{train,validation}.tsv.
 
 The sentences are made here from templates (no external data): an aspect of a film plus a clearly positive or
 negative verdict. Validation uses verdicts and openers that never occur in training, so its accuracy measures
@@ -133,6 +133,6 @@ def write(out_dir: Path) -> list[Path]:
 
 if __name__ == "__main__":
     root = Path(__file__).resolve().parents[1]
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "lightning_peft" / "data"
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else root / "lightning_peft" / "cli" / "data"
     for p in write(target):
         print(p)

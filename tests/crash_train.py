@@ -27,10 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import ClassifierModule, classification_data, tiny_bert
 from helpers import trainer as make_trainer
 
-from lightning_peft import AdaLoRA, LoRA
+from lightning_peft import AdaLoRA, LoRA, get_stack
 from lightning_peft.callbacks import PEFT, RankBudgetScheduler
-from lightning_peft.callbacks.export import AdapterExport
-from lightning_peft.export import find_stack
+from lightning_peft.lightning.export_callback import AdapterExport
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -130,7 +129,7 @@ def main() -> None:
     trainer.fit(module, data, ckpt_path=os.path.join(ckpt_dir, "last.ckpt") if args.resume else None)
     torch.save(
         {
-            "adapters": find_stack(module).adapter_state_dict(),
+            "adapters": get_stack(module, required=True).adapter_state_dict(),
             "allocator": scheduler.allocator.state_dict(),
             "labels": module.labels,
             "global_step": trainer.global_step,

@@ -21,9 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import ClassifierModule, classification_data, tiny_bert
 from helpers import trainer as make_trainer
 
-from lightning_peft import AdaLoRA, LoRA, PromptTuning
+from lightning_peft import AdaLoRA, LoRA, PromptTuning, get_stack
 from lightning_peft.callbacks import PEFT, RankBudgetScheduler
-from lightning_peft.export import find_stack
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -46,13 +45,13 @@ class MaskRecorder(L.Callback):
         self.batches: list[torch.Tensor] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.initial = {k: v.clone() for k, v in find_stack(pl_module).adapter_state_dict().items()}
+        self.initial = {k: v.clone() for k, v in get_stack(pl_module, required=True).adapter_state_dict().items()}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batches.append(batch[1].clone())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        state = find_stack(pl_module).adapter_state_dict()
+        state = get_stack(pl_module, required=True).adapter_state_dict()
         self.masks[trainer.global_step] = {
             k: v.clone() for k, v in state.items() if k.endswith("adalora_mask")
         }
@@ -86,7 +85,7 @@ def main() -> None:
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_peft.callbacks.export import AdapterExport
+    from lightning_peft.lightning.export_callback import AdapterExport
 
     torch.manual_seed(0)
     quantize = None
@@ -113,7 +112,7 @@ def main() -> None:
                            enable_checkpointing=True, callbacks=callbacks, use_distributed_sampler=False)
     trainer.fit(module, datamodule=Data(args.steps * args.global_batch, args.global_batch))
     rank = trainer.global_rank
-    stack = find_stack(module)
+    stack = get_stack(module, required=True)
     torch.save(
         {
             "adapters": stack.adapter_state_dict(),

@@ -11,9 +11,15 @@ import torch.nn.functional as F
 from helpers import tiny_bert, token_batch
 
 from lightning_peft import AdapterStateError, PeftConfigError, apply_peft
+from lightning_peft.methods.adalora import (
+    AdaLoRA,
+    AdaLoRADelta,
+    RankAllocator,
+    adalora_deltas,
+    cubic_budget,
+    orthogonal_regularization,
+)
 from lightning_peft.strategies import LoRA
-from lightning_peft.strategies.adalora import AdaLoRA, AdaLoRADelta, adalora_deltas, orthogonal_regularization
-from lightning_peft.strategies.adalora_allocator import RankAllocator, cubic_budget
 
 TARGETS = ["query", "value", "intermediate.dense"]
 

@@ -9,8 +9,9 @@ from helpers import tiny_bert, tiny_llama, token_batch
 from torch import nn
 
 from lightning_peft import Adapter, LoRA, PeftConfigError, apply_peft
-from lightning_peft.layers import AdaptedLinear, get_state
-from lightning_peft.strategies.adapter import CONTAINER
+from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.core.state import get_state
+from lightning_peft.methods.bottleneck import CONTAINER
 
 
 def adapters_of(model: nn.Module, set_name: str = "default") -> dict[str, nn.Module]:

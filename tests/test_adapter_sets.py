@@ -36,10 +36,10 @@ from lightning_peft import (
     unload,
     unmerge_adapter_set,
 )
-from lightning_peft.adapter_sets import get_adapter_set, merged_adapter_set, using_adapter_set
 from lightning_peft.callbacks import PEFT, evaluate_adapter_sets
-from lightning_peft.export import load_adapters, read_adapter_tensors, read_manifest, save_adapters
+from lightning_peft.io.adapters import load_adapters, read_adapter_tensors, read_manifest, save_adapters
 from lightning_peft.quantization import Quantization, quantize_model
+from lightning_peft.stack.sets import get_adapter_set, merged_adapter_set, using_adapter_set
 
 SETS = {
     "sentiment": lambda: [LoRA(r=2, target_modules=["q_proj", "v_proj"])],

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_peft.export import read_adapter_tensors
+from lightning_peft.io.adapters import read_adapter_tensors
 
 SCRIPT = Path(__file__).with_name("crash_train.py")
 
@@ -118,7 +118,7 @@ def test_lightning_default_write_goes_through_the_system_temp_dir(tmp_path, monk
 
 
 def test_atomic_checkpoint_io_keeps_the_previous_file_when_a_write_fails(tmp_path, monkeypatch):
-    from lightning_peft.callbacks import atomic_io
+    from lightning_peft.lightning import checkpoint_io as atomic_io
 
     path = tmp_path / "last.ckpt"
     io = atomic_io.AtomicCheckpointIO()
@@ -132,10 +132,10 @@ def test_atomic_checkpoint_io_keeps_the_previous_file_when_a_write_fails(tmp_pat
         real_save({"partial": torch.zeros(1000)}, f)
         raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of torch.save
 
-    monkeypatch.setattr(atomic_io.torch, "save", crash_midway)
+    monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"step": 2}, path)
-    monkeypatch.setattr(atomic_io.torch, "save", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(path, weights_only=True)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
     io.save_checkpoint({"step": 3}, path)
@@ -146,7 +146,7 @@ def test_atomic_checkpoint_io_keeps_the_previous_file_when_a_write_fails(tmp_pat
 
 KILL_LOOP = """
 import sys, torch
-from lightning_peft.callbacks.atomic_io import AtomicCheckpointIO
+from lightning_peft.lightning.checkpoint_io import AtomicCheckpointIO
 io, path, i = AtomicCheckpointIO(), sys.argv[1], 0
 while True:
     i += 1
@@ -181,8 +181,8 @@ def test_peft_callback_installs_atomic_checkpoint_io(tmp_path):
 
     from lightning_peft import LoRA
     from lightning_peft.callbacks import PEFT
-    from lightning_peft.callbacks.atomic_io import AtomicCheckpointIO
-    from lightning_peft.callbacks.export import AdapterExport
+    from lightning_peft.lightning.checkpoint_io import AtomicCheckpointIO
+    from lightning_peft.lightning.export_callback import AdapterExport
 
     class Probe(L.Callback):
         def on_train_start(self, trainer, pl_module):

@@ -179,7 +179,7 @@ def test_quantized_backbone_under_deepspeed_is_refused():
     pytest.importorskip("deepspeed")
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    from lightning_peft.callbacks.distributed import check_strategy
+    from lightning_peft.lightning.distributed import check_strategy
 
     with pytest.raises(PeftConfigError, match="strategy='ddp'"):
         check_strategy(SimpleNamespace(strategy=DeepSpeedStrategy()), tiny_bert(), Quantization("nf4"))

@@ -10,14 +10,14 @@ import torch
 from helpers import save_and_reload, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 from lightning_peft import AdapterStateError, LoRA, apply_peft
-from lightning_peft.export import (
+from lightning_peft.io.adapters import (
     MANIFEST_NAME,
     NATIVE_WEIGHTS_NAME,
     load_adapters,
     read_manifest,
     save_adapters,
 )
-from lightning_peft.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+from lightning_peft.io.peft_layout import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 
 TOL = 1e-4
 
@@ -237,7 +237,7 @@ def test_not_an_adapter_folder(tmp_path):
     ],
 )
 def test_merged_export_loads_in_plain_transformers(tmp_path, builder, targets, unfreeze):
-    from lightning_peft.merge import merge_and_export
+    from lightning_peft.io.merged import merge_and_export
 
     model = builder()
     stack = apply_peft(model, [LoRA(r=4, target_modules=targets)], unfreeze=unfreeze)
@@ -260,7 +260,7 @@ def test_merged_export_loads_in_plain_transformers(tmp_path, builder, targets, u
 def test_merged_export_of_nf4_base(tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lightning_peft.merge import merge_and_export
+    from lightning_peft.io.merged import merge_and_export
 
     _, base_path = save_and_reload(tiny_llama(), tmp_path)
     bnb = BitsAndBytesConfig(
@@ -285,7 +285,7 @@ def test_merged_export_of_nf4_base(tmp_path):
 
 def test_merged_export_with_prompt_keeps_a_peft_prompt_adapter(tmp_path):
     from lightning_peft import PromptTuning
-    from lightning_peft.merge import merge_and_export
+    from lightning_peft.io.merged import merge_and_export
 
     model = tiny_llama()
     n = 3
@@ -307,7 +307,7 @@ def test_merged_export_with_prompt_keeps_a_peft_prompt_adapter(tmp_path):
 
 def test_merge_refuses_unmergeable_strategies(tmp_path):
     from lightning_peft import Adapter, PeftConfigError
-    from lightning_peft.merge import merge_and_export
+    from lightning_peft.io.merged import merge_and_export
 
     model = tiny_bert()
     apply_peft(model, [Adapter()])
@@ -317,7 +317,7 @@ def test_merge_refuses_unmergeable_strategies(tmp_path):
 
 
 def test_quantized_stack_round_trip_and_merge(tmp_path):
-    from lightning_peft.merge import merge_and_export
+    from lightning_peft.io.merged import merge_and_export
     from lightning_peft.quantization import Quantization
 
     model = tiny_llama()

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import LoRA
 from lightning_peft.callbacks import PEFT
-from lightning_peft.callbacks.export import AdapterExport
-from lightning_peft.export import MANIFEST_NAME, load_adapters
+from lightning_peft.io.adapters import MANIFEST_NAME, load_adapters
+from lightning_peft.lightning.export_callback import AdapterExport
 
 
 def _fit(tmp_path, export, **ckpt_kwargs):

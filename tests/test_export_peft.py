@@ -10,9 +10,9 @@ from helpers import save_and_reload, tiny_bert, tiny_gpt2, tiny_llama, token_bat
 from test_export import TOL, agree, assert_peft_keys_match, logits, peft_load, randomize
 
 from lightning_peft import IA3, AdaLoRA, LoRA, PromptTuning, PTuning, apply_peft
-from lightning_peft.export import NATIVE_WEIGHTS_NAME, load_adapters, read_manifest, save_adapters
-from lightning_peft.peft_format import PEFT_CONFIG_NAME
-from lightning_peft.strategies.adalora import adalora_deltas
+from lightning_peft.io.adapters import NATIVE_WEIGHTS_NAME, load_adapters, read_manifest, save_adapters
+from lightning_peft.io.peft_layout import PEFT_CONFIG_NAME
+from lightning_peft.methods.adalora import adalora_deltas
 
 TARGETS = {
     "llama": ["q_proj", "v_proj", "down_proj"],

@@ -28,8 +28,8 @@ from lightning_peft import (
     PTuning,
 )
 from lightning_peft.callbacks import PEFT, RankBudgetScheduler
-from lightning_peft.layers import AdaptedLinear
-from lightning_peft.prompt_input import HOST_ATTR
+from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.methods.prompt.host import HOST_ATTR
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 MARKERS = {  # a substring of every parameter name each strategy owns

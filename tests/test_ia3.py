@@ -8,7 +8,7 @@ from helpers import tiny_bert, tiny_llama, token_batch
 from torch import nn
 
 from lightning_peft import IA3, LoRA, PeftConfigError, apply_peft
-from lightning_peft.layers import AdaptedLinear
+from lightning_peft.core.layer import AdaptedLinear
 
 LLAMA_TARGETS = ["k_proj", "v_proj", "down_proj"]
 

@@ -10,7 +10,7 @@ from helpers import VOCAB, ClassifierModule, tiny_bert, tiny_gpt2, tiny_llama, t
 from torch import nn
 
 from lightning_peft import PeftConfigError, PromptTuning, PTuning, apply_peft
-from lightning_peft.prompt_input import HOST_ATTR
+from lightning_peft.methods.prompt.host import HOST_ATTR
 
 N = 5
 
@@ -226,7 +226,7 @@ def test_two_sets_switch_prompts():
     model = tiny_bert()
     apply_peft(model, [PromptTuning(num_virtual_tokens=3)], name="a")
     apply_peft(model, [PTuning(num_virtual_tokens=6)], name="b")
-    from lightning_peft.layers import get_state
+    from lightning_peft.core.state import get_state
 
     state = get_state(model)
     ids = token_batch(2, 7)

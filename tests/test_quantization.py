@@ -11,9 +11,16 @@ from torch import nn
 
 from lightning_peft import LoRA, PeftConfigError, apply_peft, get_stack
 from lightning_peft.callbacks import PEFT
-from lightning_peft.kbit import memory_report, prepare_for_kbit_training
-from lightning_peft.layers import AdaptedLinear, base_weight
-from lightning_peft.quantization import Quantization, bnb_config, detect_quantization, quantize_model
+from lightning_peft.core.backend import base_weight
+from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.quantization import (
+    Quantization,
+    bnb_config,
+    detect_quantization,
+    memory_report,
+    prepare_for_kbit_training,
+    quantize_model,
+)
 
 BNB_TYPES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 LLAMA_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head stays in full precision
@@ -442,7 +449,7 @@ def test_prepare_upcasts_half_precision_weights_but_not_quantized_ones():
 def test_lightning_bitsandbytes_plugin(tmp_path):
     from lightning.pytorch.plugins import BitsandbytesPrecision
 
-    from lightning_peft.callbacks.quantized import quantization_from_precision, resolve_quantization
+    from lightning_peft.lightning.precision import quantization_from_precision, resolve_quantization
 
     with pytest.raises(RuntimeError, match="only supported on CUDA"):  # Lightning's own check on the CPU
         trainer(tmp_path, plugins=[BitsandbytesPrecision("nf4-dq", dtype=torch.bfloat16)])
@@ -462,7 +469,7 @@ def test_lightning_bitsandbytes_plugin(tmp_path):
 
 
 def test_quantize_on_a_given_device_then_stack_goes_on():
-    from lightning_peft.callbacks.quantized import quantize_on_device
+    from lightning_peft.lightning.precision import quantize_on_device
 
     model = tiny_bert(**WIDE)
     names = quantize_on_device(model, Quantization("nf4"), ["classifier"], torch.device("cpu"))

@@ -16,9 +16,9 @@ from lightning.pytorch.loggers import Logger
 
 from lightning_peft import AdaLoRA, LoRA, PeftConfigError
 from lightning_peft.callbacks import PEFT, RankBudgetScheduler
-from lightning_peft.callbacks.rank_budget import HEATMAP_FILE, PATTERN_FILE, heatmap_grid
-from lightning_peft.strategies.adalora import adalora_deltas, orthogonal_regularization
-from lightning_peft.strategies.adalora_allocator import cubic_budget
+from lightning_peft.lightning.rank_budget import PATTERN_FILE
+from lightning_peft.methods.adalora import adalora_deltas, cubic_budget, orthogonal_regularization
+from lightning_peft.viz.heatmap import HEATMAP_FILE, heatmap_grid
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 TARGETS = ["query", "value", "intermediate.dense"]

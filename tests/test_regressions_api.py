@@ -32,7 +32,7 @@ from lightning_peft import (
     save_adapters,
 )
 from lightning_peft.callbacks import PEFT, AdapterExport
-from lightning_peft.export import read_manifest
+from lightning_peft.io.adapters import read_manifest
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 

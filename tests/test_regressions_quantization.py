@@ -16,8 +16,9 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_peft import LoRA, apply_peft
 from lightning_peft.callbacks import PEFT
-from lightning_peft.layers import AdaptedLinear, base_weight, is_quantized
-from lightning_peft.merge import merge_and_export
+from lightning_peft.core.backend import base_weight, is_quantized
+from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.io.merged import merge_and_export
 from lightning_peft.quantization import Quantization, bnb_config, quantize_model
 
 BNB_TYPES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)

@@ -7,8 +7,8 @@ import torch
 from helpers import tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
 from lightning_peft import AdaptedLinear, AdapterStateError, LoRA, PeftConfigError, apply_peft, get_stack
+from lightning_peft.methods.base import Strategy, register_strategy
 from lightning_peft.strategies import registered_strategies, strategy_from_config
-from lightning_peft.strategies.base import Strategy, register_strategy
 
 
 def test_trainable_names_llama():
@@ -63,7 +63,7 @@ def test_init_leaves_model_unchanged_and_gradients_reach_adapters():
 
 def test_shared_dropout_mask_across_siblings():
     """Opt-in sharing: q, k and v read one hidden-states tensor and see one dropout mask."""
-    from lightning_peft.layers import shared_dropout
+    from lightning_peft.ops.dropout import shared_dropout
 
     x = torch.randn(4, 8, requires_grad=True)
     a = shared_dropout(x, 0.5, torch.float32)
@@ -75,7 +75,7 @@ def test_shared_dropout_mask_across_siblings():
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_dropout_projection_is_torch_dropout(p):
     """The default branch dropout is F.dropout on the input, drawn per layer: peft's arithmetic and stream."""
-    from lightning_peft.layers import project
+    from lightning_peft.ops.dropout import project
 
     x = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(4, 16, requires_grad=True)
@@ -93,7 +93,7 @@ def test_dropout_projection_is_torch_dropout(p):
 
 def test_dropout_is_independent_per_layer_unless_shared():
     """Two branches reading one input draw two masks by default, one with shared=True (gradients then add)."""
-    from lightning_peft.layers import project
+    from lightning_peft.ops.dropout import project
 
     x = torch.randn(64, 64, requires_grad=True)
     eye = torch.eye(64)

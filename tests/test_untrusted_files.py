@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import AdaLoRA, AdapterStateError, LoRA, PromptTuning
 from lightning_peft.callbacks import PEFT, RankBudgetScheduler, restore_from_checkpoint
-from lightning_peft.export import MANIFEST_NAME, NATIVE_WEIGHTS_NAME, load_adapters, save_adapters
+from lightning_peft.io.adapters import MANIFEST_NAME, NATIVE_WEIGHTS_NAME, load_adapters, save_adapters
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 

@@ -1,8 +1,16 @@
-"""Text data for the task modules and the CLI, and the shipped sentiment demo data."""
+"""The data module under its first import path (recipes' ``class_path``): a re-export of
+:mod:`lightning_peft.cli.data`."""
 
-from lightning_peft.data.encoding import IGNORE_INDEX, load_tokenizer, pad_batch
-from lightning_peft.data.readers import DataError, Table, read_table
-from lightning_peft.data.text import TextDataModule, demo_path
+from lightning_peft.cli.data import (
+    IGNORE_INDEX,
+    DataError,
+    Table,
+    TextDataModule,
+    demo_path,
+    load_tokenizer,
+    pad_batch,
+    read_table,
+)
 
 __all__ = [
     "IGNORE_INDEX",

@@ -1,7 +1,7 @@
-"""Ready-made LightningModules for the CLI: a Hugging Face model, a PEFT stack, the task's loss and metrics."""
+"""The task modules under their first import path (recipes' ``class_path``): a re-export of
+:mod:`lightning_peft.cli.tasks`."""
 
-from lightning_peft.tasks.base import TaskModule, resolve_model_path
-from lightning_peft.tasks.causal_lm import CausalLM, Seq2SeqLM
-from lightning_peft.tasks.classification import SequenceClassification
+from lightning_peft.cli.models import resolve_model_path
+from lightning_peft.cli.tasks import CausalLM, Seq2SeqLM, SequenceClassification, TaskModule
 
 __all__ = ["CausalLM", "Seq2SeqLM", "SequenceClassification", "TaskModule", "resolve_model_path"]

@@ -1,0 +1,107 @@
+"""The kinds of base layer an adapter can sit on, told apart in one place.
+
+A base linear is an ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored transposed, (in, out)) or a bitsandbytes
+``Linear4bit`` / ``Linear8bitLt`` (an ``nn.Linear`` subclass whose weight is a ``Params4bit`` / ``Int8Params``).
+Every check of which kind a layer or a weight is goes through the functions here, never through type names
+spelled out elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+try:  # GPT-2 style layers: a linear with a transposed (in, out) weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep the core importable
+    Conv1D = None  # type: ignore[assignment,misc]
+
+#: bitsandbytes' quantized parameter classes, by the kind of quantization they hold
+_QUANTIZED_PARAMS = {"Params4bit": "4bit", "Int8Params": "8bit"}
+_BNB_LAYERS = ("Linear4bit", "Linear8bitLt")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def conv1d_class(module: nn.Module) -> type[nn.Module] | None:
+    """The GPT-2 ``Conv1D`` class ``module`` is, or was before bitsandbytes replaced it; else ``None``.
+
+    ``Conv1D`` stores its weight (in, out), transposed against ``nn.Linear``. A bitsandbytes layer quantized
+    from one holds the weight (out, in) and keeps the original class in ``source_cls`` (set by
+    :func:`~lightning_peft.quantization.convert.quantized_linear`, and by transformers when it quantizes on
+    load), so whatever writes the layer back as a full-precision checkpoint must transpose it again.
+    """
+    if is_conv1d(module):
+        return type(module)
+    source = getattr(module, "source_cls", None)
+    if Conv1D is not None and isinstance(source, type) and issubclass(source, Conv1D):
+        return source
+    return None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A plain, bitsandbytes (subclasses of nn.Linear) or GPT-2 Conv1D linear layer."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def quantized_kind(weight: object) -> Literal["4bit", "8bit"] | None:
+    """``"4bit"`` for a bitsandbytes ``Params4bit``, ``"8bit"`` for an ``Int8Params``, else ``None``.
+
+    Matched by class name so that this module does not import bitsandbytes.
+    """
+    return _QUANTIZED_PARAMS.get(type(weight).__name__)  # type: ignore[return-value]
+
+
+def is_quantized(base: nn.Module) -> bool:
+    """Whether a base layer's weight is a bitsandbytes 4-bit or 8-bit parameter."""
+    return quantized_kind(getattr(base, "weight", None)) is not None
+
+
+def is_bnb_layer(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, or an ``nn.Linear`` holding a quantized weight."""
+    return type(module).__name__ in _BNB_LAYERS or (isinstance(module, nn.Linear) and is_quantized(module))
+
+
+def base_shape(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a base linear."""
+    if is_conv1d(base):
+        return base.nx, base.nf
+    return base.in_features, base.out_features
+
+
+def base_weight(base: nn.Module) -> Tensor:
+    """The base weight as a float (out, in) matrix, dequantizing bitsandbytes layers."""
+    weight = base.weight
+    if is_conv1d(base):
+        return weight.detach().t()
+    kind = quantized_kind(weight)
+    if kind == "4bit":
+        import bitsandbytes.functional as bnbF
+
+        return bnbF.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
+    if kind == "8bit":
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = base.state.SCB
+        return weight.data.to(torch.float32) * scb.to(torch.float32).view(-1, 1) / 127.0
+    return weight.detach()
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a merged full-precision layer takes: the input embeddings' (else the first float parameter's)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    weight = getattr(emb, "weight", None)
+    if isinstance(weight, Tensor) and weight.is_floating_point():
+        return weight.dtype
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding the submodule ``name``, and the attribute name it has there."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child

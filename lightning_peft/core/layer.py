@@ -1,0 +1,229 @@
+"""One adapted layer over any base linear, holding any number of deltas from any number of strategies.
+
+The rule, written once for every layer-level strategy::
+
+    y = base(x * s_in) * s_out + sum_i delta_i(dropout_i(x))
+
+``s_in`` / ``s_out`` come from scaling deltas (IA3), the sum from additive deltas (LoRA, AdaLoRA). The base
+layer can be ``nn.Linear``, GPT-2's ``Conv1D`` or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; it is
+held once, frozen, and never wrapped twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.core.backend import base_shape, base_weight, get_submodule_parent, is_conv1d, is_quantized
+from lightning_peft.core.state import AdapterState
+
+
+class Delta(nn.Module):
+    """One strategy's contribution to one :class:`AdaptedLinear` for one adapter set.
+
+    ``kind`` is ``"additive"`` (``forward(x)`` returns a term added to the output, ``delta_weight()`` the
+    equivalent (out, in) matrix) or ``"scale"`` (``input_scale()`` / ``output_scale()`` return vectors that
+    multiply the base layer's input or output).
+    """
+
+    kind: ClassVar[str] = "additive"
+    dropout: float = 0.0
+
+    def add_to(self, y: Tensor, x: Tensor) -> Tensor:
+        """``y`` plus this delta's contribution for the layer input ``x`` (deltas apply their own dropout,
+        e.g. through :func:`project`); low-rank deltas override this to fuse the add into a matmul."""
+        return y + self(x).to(y.dtype)
+
+    def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
+        """``base(x)`` plus this delta as one fused computation when this delta is alone on its layer, or
+        ``None`` (the default) to be composed as usual."""
+        return None
+
+    def delta_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def input_scale(self) -> Tensor | None:
+        return None
+
+    def output_scale(self) -> Tensor | None:
+        return None
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen base linear plus named deltas grouped by adapter set (``adapters[set][strategy]``).
+
+    Example:
+        >>> layer = AdaptedLinear(nn.Linear(4, 3), AdapterState())
+    """
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_shape(base_layer)
+        self.adapters = nn.ModuleDict()
+        self._state = state
+        self.merged: set[str] = set()
+
+    # -- composition ---------------------------------------------------------------------------------------
+    def add_delta(self, set_name: str, key: str, delta: Delta) -> None:
+        if set_name not in self.adapters:
+            self.adapters[set_name] = nn.ModuleDict().train(self.training)
+        if key in self.adapters[set_name]:
+            raise ValueError(f"adapter set {set_name!r} already has a {key!r} delta on this layer")
+        self.adapters[set_name][key] = delta
+
+    def remove_deltas(self, set_name: str, key: str | None = None) -> None:
+        if set_name not in self.adapters:
+            return
+        if key is None:
+            del self.adapters[set_name]
+        else:
+            group = self.adapters[set_name]
+            if key in group:
+                del group[key]
+            if len(group) == 0:
+                del self.adapters[set_name]
+        self.merged.discard(set_name)
+
+    def deltas(self, set_name: str) -> list[Delta]:
+        return list(self.adapters[set_name].values()) if set_name in self.adapters else []
+
+    @property
+    def weight(self) -> Tensor:  # code that inspects ``layer.weight`` (e.g. dtype checks) keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    # -- forward -------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        active = self._state.active
+        if active is None or active in self.merged or active not in self.adapters:
+            return self.base_layer(x, *args, **kwargs)
+        deltas = self.adapters[active].values()
+        if len(deltas) == 1 and not args and not kwargs:
+            fused = next(iter(deltas)).fused_forward(self.base_layer, x)
+            if fused is not None:
+                return fused
+        x_base = x
+        s_out = None
+        additive = []
+        for d in deltas:
+            if d.kind == "scale":
+                s_in = d.input_scale()
+                if s_in is not None:
+                    x_base = x_base * s_in.to(x_base.dtype)
+                so = d.output_scale()
+                if so is not None:
+                    s_out = so if s_out is None else s_out * so
+            else:
+                additive.append(d)
+        y = self.base_layer(x_base, *args, **kwargs)
+        if s_out is not None:
+            y = y * s_out.to(y.dtype)
+        for d in additive:
+            y = d.add_to(y, x)
+        return y
+
+    # -- merge ---------------------------------------------------------------------------------------------
+    def _scales(self, set_name: str) -> tuple[Tensor | None, Tensor | None]:
+        s_in = s_out = None
+        for d in self.deltas(set_name):
+            if d.kind != "scale":
+                continue
+            si, so = d.input_scale(), d.output_scale()
+            if si is not None:
+                s_in = si.detach().float() if s_in is None else s_in * si.detach().float()
+            if so is not None:
+                s_out = so.detach().float() if s_out is None else s_out * so.detach().float()
+        return s_in, s_out
+
+    def _delta_sum(self, set_name: str) -> Tensor | None:
+        total = None
+        for d in self.deltas(set_name):
+            if d.kind == "additive":
+                w = d.delta_weight().detach().float()
+                total = w if total is None else total + w
+        return total
+
+    def merged_weight(self, set_name: str) -> tuple[Tensor, Tensor | None]:
+        """The (out, in) float32 weight and bias that reproduce base + deltas of ``set_name`` in one linear."""
+        w = base_weight(self.base_layer).float().clone()
+        b = self.bias.detach().float().clone() if self.bias is not None else None
+        s_in, s_out = self._scales(set_name)
+        if s_in is not None:
+            w = w * s_in.view(1, -1)
+        if s_out is not None:
+            w = w * s_out.view(-1, 1)
+            if b is not None:
+                b = b * s_out
+        dw = self._delta_sum(set_name)
+        if dw is not None:
+            w = w + dw
+        return w, b
+
+    def merge(self, set_name: str) -> None:
+        """Fold the set's deltas into a full-precision base weight in place (exactly reversible up to rounding)."""
+        if set_name in self.merged or set_name not in self.adapters:
+            return
+        if is_quantized(self.base_layer):
+            raise NotImplementedError(
+                "merging into a quantized base layer in place is not supported; use PeftStack.merge() (it "
+                "dequantizes, optionally requantize=True), lightning_peft.merge_and_export, or dequantize first"
+            )
+        w, b = self.merged_weight(set_name)
+        with torch.no_grad():
+            target = self.base_layer.weight
+            target.copy_((w.t() if is_conv1d(self.base_layer) else w).to(target.dtype))
+            if b is not None:
+                self.base_layer.bias.copy_(b.to(self.base_layer.bias.dtype))
+        self.merged.add(set_name)
+
+    def unmerge(self, set_name: str) -> None:
+        if set_name not in self.merged:
+            return
+        w = base_weight(self.base_layer).float().clone()
+        b = self.bias.detach().float().clone() if self.bias is not None else None
+        dw = self._delta_sum(set_name)
+        if dw is not None:
+            w = w - dw
+        s_in, s_out = self._scales(set_name)
+        if s_out is not None:
+            w = w / s_out.view(-1, 1)
+            if b is not None:
+                b = b / s_out
+        if s_in is not None:
+            w = w / s_in.view(1, -1)
+        with torch.no_grad():
+            target = self.base_layer.weight
+            target.copy_((w.t() if is_conv1d(self.base_layer) else w).to(target.dtype))
+            if b is not None:
+                self.base_layer.bias.copy_(b.to(self.base_layer.bias.dtype))
+        self.merged.discard(set_name)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, sets={list(self.adapters)}"
+
+
+def adapt_linear(model: nn.Module, name: str, state: AdapterState) -> AdaptedLinear:
+    """Replace the linear at ``name`` by an :class:`AdaptedLinear` (or return the one already there)."""
+    module = model.get_submodule(name)
+    if isinstance(module, AdaptedLinear):
+        return module
+    parent, child = get_submodule_parent(model, name)
+    layer = AdaptedLinear(module, state)
+    layer.train(module.training)  # an adapted eval-mode model stays in eval mode (no adapter dropout)
+    setattr(parent, child, layer)
+    return layer
+
+
+def restore_linear(model: nn.Module, name: str) -> None:
+    """Put the base layer back when an :class:`AdaptedLinear` holds no delta and no hook (e.g. an Adapter's) any more."""
+    module = model.get_submodule(name)
+    if (isinstance(module, AdaptedLinear) and len(module.adapters) == 0 and not module._forward_hooks
+            and not module._forward_pre_hooks):
+        parent, child = get_submodule_parent(model, name)
+        setattr(parent, child, module.base_layer)

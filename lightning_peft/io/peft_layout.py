@@ -1,0 +1,393 @@
+"""Hugging Face PEFT's adapter layout: the parts of a stack that ``peft.PeftModel.from_pretrained`` can load.
+
+One :class:`PeftPart` per PEFT adapter type, each written as ``adapter_config.json`` +
+``adapter_model.safetensors`` with PEFT's key names (peft 0.21):
+
+- ``lora``: LoRA and AdaLoRA (after pruning) folded into one standard LoRA adapter. Where AdaLoRA adapts a
+  module, its update ``P diag(lambda) Q * alpha / init_r`` is exactly ``B' A'`` with ``A' = (lambda * Q)[kept]``
+  and ``B' = P[:, kept] * alpha / init_r``; where both adapt one module the ranks are concatenated. Per-module
+  ranks go to ``rank_pattern`` / ``alpha_pattern``; ``uniform_rank=True`` zero-pads every module to one rank
+  with one scale instead (serving engines read a single ``r`` / ``lora_alpha``).
+- ``ia3``: IA3 scaling vectors (``ia3_l``).
+- ``prompt``: the final prompt embeddings (``prompt_embeddings``); a P-tuning encoder is evaluated once and
+  stored as plain prompt tuning, so this part cannot resume training (the native files can).
+
+Modules the stack unfreezes become PEFT ``modules_to_save`` of the first part. Nothing here imports ``peft``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_peft.core.backend import is_conv1d
+from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.methods.base import Level
+from lightning_peft.stack.peft_stack import PeftStack
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+#: strategies folded into the LoRA part, the IA3 part and the prompt part (by registered name)
+LOW_RANK = ("lora", "adalora")
+SCALING = ("ia3",)
+PROMPT = ("prompt_tuning", "p_tuning")
+#: nesting order for PEFT: inner adapters first, the prompt adapter outermost
+
+
+@dataclass
+class PeftPart:
+    """One PEFT adapter: its ``adapter_config.json`` content and tensors under PEFT's key names."""
+
+    name: str
+    config: dict[str, Any]
+    tensors: dict[str, Tensor]
+    #: PEFT key -> native key, for tensors stored unchanged (the native files then point at them)
+    verbatim: dict[str, str] = field(default_factory=dict)
+    strategies: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PeftExport:
+    parts: list[PeftPart]
+    #: strategy name (or ``"unfreeze"``) -> why PEFT's format cannot hold it
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def hf_root(stack: PeftStack) -> tuple[nn.Module, str]:
+    """The transformers model the stack adapts (``stack.model`` or the model inside a LightningModule) + its prefix."""
+    model = stack.model
+    if hasattr(model, "config") and hasattr(model, "save_pretrained"):
+        return model, ""
+    for name, module in model.named_modules():
+        if name and hasattr(module, "config") and hasattr(module, "save_pretrained"):
+            return module, name + "."
+    return model, ""
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a transformers model class (``None`` when it has no PEFT task)."""
+    cls = type(model).__name__
+    config = getattr(model, "config", None)
+    for suffix, task in (
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
+        if cls.endswith(suffix):
+            return task
+    if getattr(config, "is_encoder_decoder", False) and (
+        cls.endswith("ForConditionalGeneration") or "Seq2SeqLM" in cls
+    ):
+        return "SEQ_2_SEQ_LM"
+    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if cls.endswith("Model") and config is not None:
+        return "FEATURE_EXTRACTION"
+    return None
+
+
+def base_name_or_path(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    value = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return str(value) if value else None
+
+
+def _common(stack: PeftStack, root: nn.Module) -> dict[str, Any]:
+    return {
+        "task_type": task_type(root),
+        "base_model_name_or_path": base_name_or_path(root),
+        "inference_mode": True,
+    }
+
+
+def _layer_names(stack: PeftStack) -> dict[str, AdaptedLinear]:
+    return {
+        n: m
+        for n, m in stack.model.named_modules()
+        if isinstance(m, AdaptedLinear) and stack.name in m.adapters
+    }
+
+
+# -- low-rank family -------------------------------------------------------------------------------------------
+@dataclass
+class _LowRank:
+    """One strategy's low-rank update on one layer, as ``(B * scale) @ A`` with A (k, in) and B (out, k)."""
+
+    A: Tensor
+    B: Tensor
+    scale: float
+    keys: tuple[str, str] | None = None  # native keys of A and B when they are stored unchanged
+
+
+def _lowrank_of(delta: nn.Module, strategy: str, key_prefix: str) -> _LowRank | None:
+    if strategy == "lora":
+        return _LowRank(
+            delta.lora_A.detach(),
+            delta.lora_B.detach(),
+            float(delta.scaling),
+            (key_prefix + "lora_A", key_prefix + "lora_B"),
+        )
+    if strategy == "adalora":
+        return _adalora_lowrank(delta)
+    return None
+
+
+def _adalora_lowrank(delta: nn.Module) -> _LowRank | None:
+    """Kept triplets of an AdaLoRA delta: ``A' = (E * A)[kept]``, ``B' = B[:, kept]``, scale ``alpha / init_r``."""
+    kept = delta.adalora_mask.detach().reshape(-1).bool()
+    E = delta.adalora_E.detach().reshape(-1)
+    A = (delta.adalora_A.detach() * E.view(-1, 1))[kept]
+    B = delta.adalora_B.detach()[:, kept]
+    return _LowRank(A, B, float(delta.scaling))
+
+
+def _lora_part(
+    stack: PeftStack, root: nn.Module, prefix: str, native: dict[str, Tensor], uniform_rank: bool
+) -> PeftPart | None:
+    names = [s.name for s in stack.strategies if s.name in LOW_RANK]
+    if not names:
+        return None
+    per_module: dict[str, list[_LowRank]] = {}
+    conv1d = False
+    for name, layer in _layer_names(stack).items():
+        parts = []
+        for strategy, delta in layer.adapters[stack.name].items():
+            if strategy in LOW_RANK:
+                lr = _lowrank_of(delta, strategy, f"{name}.adapters.{stack.name}.{strategy}.")
+                if lr is not None and lr.A.shape[0] > 0:
+                    parts.append(lr)
+        if parts:
+            per_module[name.removeprefix(prefix)] = parts
+            conv1d = conv1d or is_conv1d(layer.base_layer)
+    if not per_module:
+        return None
+    lora = next((s for s in stack.strategies if s.name == "lora"), None)
+    tensors: dict[str, Tensor] = {}
+    verbatim: dict[str, str] = {}
+    config: dict[str, Any] = {"peft_type": "LORA"}
+    if names == ["lora"] and lora is not None:
+        # plain LoRA: exactly what PEFT itself would save (raw A and B, the user's r and alpha)
+        r, alpha, rank_pattern, alpha_pattern = lora.r, lora.alpha, {}, {}
+        for module, (lr,) in per_module.items():
+            for which, tensor, key in (("A", lr.A, lr.keys[0]), ("B", lr.B, lr.keys[1])):
+                peft_key = f"base_model.model.{module}.lora_{which}.weight"
+                tensors[peft_key] = tensor
+                if key in native:
+                    verbatim[peft_key] = key
+        use_rslora = lora.use_rslora
+    else:
+        # folded: each module's factors concatenated along the rank with the scale moved into B; alpha = r
+        folded = {}
+        for module, lrs in per_module.items():
+            A = torch.cat([lr.A.float() for lr in lrs], 0)
+            B = torch.cat([lr.B.float() * lr.scale for lr in lrs], 1)
+            folded[module] = (A, B)
+        ranks = {m: a.shape[0] for m, (a, _) in folded.items()}
+        if uniform_rank:
+            r = max(ranks.values())
+            for m, (A, B) in folded.items():
+                k = A.shape[0]
+                folded[m] = (
+                    torch.cat([A, A.new_zeros(r - k, A.shape[1])], 0),
+                    torch.cat([B, B.new_zeros(B.shape[0], r - k)], 1),
+                )
+            rank_pattern = {}
+        else:
+            r = Counter(ranks.values()).most_common(1)[0][0]
+            rank_pattern = {m: k for m, k in ranks.items() if k != r}
+        alpha, alpha_pattern = r, dict(rank_pattern)
+        for module, (A, B) in folded.items():
+            tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = B.contiguous()
+        use_rslora = False
+    config.update(_common(stack, root))
+    config.update(
+        {
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": float(lora.dropout) if lora is not None else 0.0,
+            "target_modules": sorted(per_module),
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "use_rslora": use_rslora,
+            "modules_to_save": None,
+            "bias": "none",
+            "fan_in_fan_out": conv1d,
+            "init_lora_weights": True,
+            "use_dora": False,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "exclude_modules": None,
+        }
+    )
+    return PeftPart("lora", config, tensors, verbatim, names)
+
+
+# -- IA3 -------------------------------------------------------------------------------------------------------
+def _ia3_part(stack: PeftStack, root: nn.Module, prefix: str, native: dict[str, Tensor]) -> PeftPart | None:
+    strategy = next((s for s in stack.strategies if s.name in SCALING), None)
+    if strategy is None:
+        return None
+    tensors: dict[str, Tensor] = {}
+    verbatim: dict[str, str] = {}
+    targets, feedforward = [], []
+    for name, layer in _layer_names(stack).items():
+        group = layer.adapters[stack.name]
+        if strategy.name not in group:
+            continue
+        delta = group[strategy.name]
+        module = name.removeprefix(prefix)
+        targets.append(module)
+        if delta.feedforward:  # PEFT's layout: (1, in) scales the input of feed-forward layers, else (out, 1)
+            feedforward.append(module)
+        peft_key = f"base_model.model.{module}.ia3_l"
+        tensors[peft_key] = delta.ia3_l.detach()
+        native_key = f"{name}.adapters.{stack.name}.{strategy.name}.ia3_l"
+        if native_key in native:
+            verbatim[peft_key] = native_key
+    if not targets:
+        return None
+    config = {
+        "peft_type": "IA3",
+        **_common(stack, root),
+        "target_modules": sorted(targets),
+        "feedforward_modules": sorted(feedforward),
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "init_ia3_weights": True,
+    }
+    return PeftPart("ia3", config, tensors, verbatim, [strategy.name])
+
+
+# -- prompt tuning ---------------------------------------------------------------------------------------------
+def prompt_part_of(
+    stack: PeftStack, root: nn.Module, prefix: str, native: dict[str, Tensor]
+) -> PeftPart | None:
+    """The stack's prompt strategies as one PEFT ``PROMPT_TUNING`` adapter (their final embeddings)."""
+    providers = [
+        (s, m) for s, a in zip(stack.strategies, stack.applied) if s.level is Level.INPUT for m in a.modules
+    ]
+    if not providers or any(s.name not in PROMPT for s, _ in providers):
+        return None
+    rows = []
+    with torch.no_grad():
+        for _, provider in providers:  # concatenated in stack order, as the prompt host does
+            training = provider.training
+            provider.eval()  # a P-tuning encoder's dropout is off at inference
+            try:
+                rows.append(provider().detach().float())
+            finally:
+                provider.train(training)
+    embeddings = torch.cat(rows, 0).contiguous()
+    names = [s.name for s, _ in providers]
+    config_obj = getattr(root, "config", None)
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        **_common(stack, root),
+        "num_virtual_tokens": int(embeddings.shape[0]),
+        "token_dim": int(embeddings.shape[1]),
+        # 1: prompts on the encoder only for seq2seq models, as our prompt host does (PEFT's default is 2)
+        "num_transformer_submodules": 1,
+        "num_attention_heads": getattr(config_obj, "num_attention_heads", None),
+        "num_layers": getattr(config_obj, "num_hidden_layers", None),
+        "prompt_tuning_init": "RANDOM",
+        "modules_to_save": None,
+    }
+    return PeftPart("prompt", config, {"prompt_embeddings": embeddings}, {}, names)
+
+
+# -- modules_to_save -------------------------------------------------------------------------------------------
+def _modules_to_save(stack: PeftStack, root: nn.Module, prefix: str) -> tuple[list[str], str | None]:
+    """Module names (relative to ``root``) PEFT must save in full, or why that is impossible.
+
+    These are the unfrozen modules, plus, for sequence classifiers, every module PEFT's
+    ``PeftModelForSequenceClassification`` wraps by itself (names ending in ``classifier`` or ``score``, PEFT's
+    suffix rule): PEFT fails to load a SEQ_CLS adapter without their weights.
+    """
+    modules: list[str] = []
+    for name in stack.unfreeze:
+        rel = name.removeprefix(prefix)
+        try:
+            target = root.get_submodule(rel)
+        except AttributeError:
+            rel = rel.rpartition(".")[0]  # a parameter: PEFT saves its whole module
+            target = root.get_submodule(rel) if rel else root
+        if target is root:
+            return [], f"unfreeze={name!r} is a top-level parameter; PEFT's modules_to_save needs a submodule"
+        if rel not in modules:
+            modules.append(rel)
+    if task_type(root) == "SEQ_CLS":
+        heads = [n for n, _ in root.named_modules() if n and n.endswith(("classifier", "score"))]
+        modules.extend(n for n in heads if n not in modules)
+    modules = [m for m in modules if not any(m.startswith(o + ".") for o in modules if o != m)]
+    for rel in modules:
+        if any(isinstance(m, AdaptedLinear) for m in root.get_submodule(rel).modules()):
+            return [], f"module {rel!r} is saved in full but also has adapted layers; PEFT cannot hold both"
+    return modules, None
+
+
+def _add_modules_to_save(
+    part: PeftPart,
+    modules: list[str],
+    root: nn.Module,
+    prefix: str,
+    native: dict[str, Tensor],
+    key_prefix: str,
+) -> None:
+    for rel in modules:
+        for k, v in root.get_submodule(rel).state_dict(keep_vars=True).items():
+            peft_key = f"{key_prefix}{rel}.{k}"
+            part.tensors[peft_key] = v.detach()
+            native_key = f"{prefix}{rel}.{k}"
+            if native_key in native:
+                part.verbatim[peft_key] = native_key
+    part.config["modules_to_save"] = list(modules) or None
+
+
+def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank: bool = False) -> PeftExport:
+    """Everything of ``stack`` PEFT's format can hold, as parts in nesting order, plus what it cannot."""
+    root, prefix = hf_root(stack)
+    parts = [
+        p
+        for p in (
+            _lora_part(stack, root, prefix, native, uniform_rank),
+            _ia3_part(stack, root, prefix, native),
+            prompt_part_of(stack, root, prefix, native),
+        )
+        if p is not None
+    ]
+    covered = {n for p in parts for n in p.strategies}
+    skipped = {
+        s.name: f"PEFT has no format for {type(s).__name__} (kept in the native files only)"
+        for s in stack.strategies
+        if s.name not in covered
+    }
+    modules, reason = _modules_to_save(stack, root, prefix)
+    if reason:
+        skipped["unfreeze"] = reason
+    elif modules and not parts and stack.unfreeze:
+        skipped["unfreeze"] = "PEFT's modules_to_save needs a PEFT adapter to belong to"
+    for part in parts:  # every part carries them: PEFT's SEQ_CLS models insist on their heads
+        if part.name != "prompt":
+            key_prefix = "base_model.model."
+        elif len(parts) > 1:  # the prompt adapter is loaded around the inner PeftModel (see the README)
+            key_prefix = "base_model.base_model.model."
+        else:
+            key_prefix = "base_model."
+        _add_modules_to_save(part, modules, root, prefix, native, key_prefix)
+    return PeftExport(parts, skipped)
+
+
+__all__ = [
+    "PEFT_CONFIG_NAME",
+    "PEFT_WEIGHTS_NAME",
+    "PeftExport",
+    "PeftPart",
+    "build_peft_export",
+    "hf_root",
+    "task_type",
+]

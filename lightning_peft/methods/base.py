@@ -1,0 +1,190 @@
+"""The strategy protocol and registry.
+
+A strategy is a small typed config (a dataclass) with a unique registered ``name`` and a unique parameter
+``prefix``, plus the recipe that attaches it to a model. Applying happens in two phases so that a failure
+never leaves a model half-adapted: :meth:`Strategy.plan` resolves and validates everything without touching
+the model, then :meth:`Strategy.apply` mutates it and returns what the strategy owns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from lightning_peft.core.layer import AdaptedLinear, Delta, adapt_linear, restore_linear
+from lightning_peft.core.state import AdapterState
+from lightning_peft.core.targets import resolve_targets
+from lightning_peft.errors import PeftConfigError, preview
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+class Level(enum.Enum):
+    """Where a strategy acts on a model; compared by identity (``strategy.level is Level.INPUT``)."""
+
+    #: deltas on linear layers, composed inside an :class:`~lightning_peft.core.layer.AdaptedLinear`
+    LAYER = "layer"
+    #: modules inserted after (or beside) existing ones, e.g. bottleneck adapters
+    MODULE = "module"
+    #: virtual tokens in front of the input embeddings
+    INPUT = "input"
+    #: existing parameters unfrozen and trained in place
+    SELECTIVE = "selective"
+
+
+@dataclass
+class ApplyContext:
+    """What a strategy needs to know about the stack it is part of."""
+
+    set_name: str
+    state: AdapterState
+    skip_modules: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Applied:
+    """The result of applying one strategy: owned modules / parameters and what :meth:`Strategy.remove` needs."""
+
+    modules: list[nn.Module] = field(default_factory=list)
+    parameters: list[Tensor] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Strategy:
+    """Base class of every PEFT strategy; subclasses are dataclasses registered with :func:`register_strategy`."""
+
+    name: ClassVar[str] = ""
+    prefix: ClassVar[str] = ""
+    #: where the strategy acts (see :class:`Level`)
+    level: ClassVar[Level] = Level.LAYER
+    #: whether :meth:`merge` can fold the strategy into the base weights
+    mergeable: ClassVar[bool] = True
+    #: the metric name under which a training loop logs :meth:`regularization`; ``None``: the strategy adds no
+    #: term to the loss
+    loss_term: ClassVar[str | None] = None
+
+    def plan(self, model: nn.Module, ctx: ApplyContext) -> Any:
+        """Resolve targets and check the config against ``model``; must not modify the model."""
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, plan: Any, ctx: ApplyContext) -> Applied:
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module, applied: Applied, ctx: ApplyContext) -> None:
+        raise NotImplementedError
+
+    def regularization(self, model: nn.Module) -> Tensor:
+        """The term this strategy adds to the training loss of ``model`` (only called when ``loss_term`` is set)."""
+        raise NotImplementedError(f"{type(self).__name__} adds no term to the loss (loss_term is None)")
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serializable config, with the registered name under ``"name"``."""
+        out: dict[str, Any] = {"name": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator adding a strategy to the registry; names and prefixes must be unique."""
+    if not cls.name or not cls.prefix:
+        raise TypeError(f"{cls.__name__} must define non-empty class attributes 'name' and 'prefix'")
+    for other in _REGISTRY.values():
+        if other is cls:
+            return cls
+        if other.name == cls.name:
+            raise ValueError(f"strategy name {cls.name!r} of {cls.__name__} is already registered by {other.__name__}")
+        if other.prefix == cls.prefix:
+            raise ValueError(
+                f"parameter prefix {cls.prefix!r} of {cls.__name__} is already used by {other.__name__}"
+            )
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_strategies() -> dict[str, type[Strategy]]:
+    return dict(_REGISTRY)
+
+
+def strategy_from_config(config: dict[str, Any] | Strategy) -> Strategy:
+    """Build a strategy from ``{"name": ..., **fields}``, as written by :meth:`Strategy.config`."""
+    if isinstance(config, Strategy):
+        return config
+    if not isinstance(config, dict) or "name" not in config:
+        raise PeftConfigError(f"strategy config {config!r} must be a dict with a 'name' key")
+    kwargs = dict(config)
+    name = kwargs.pop("name")
+    if name not in _REGISTRY:
+        raise PeftConfigError(f"unknown strategy name={name!r}; registered strategies: {preview(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - valid)
+    if unknown:
+        raise PeftConfigError(f"strategy {name!r} got unknown arguments {unknown}; valid arguments: {sorted(valid)}")
+    return cls(**kwargs)
+
+
+def check_positive(value: Any, argument: str, *, integer: bool = True, allow_zero: bool = False) -> None:
+    """Raise :class:`PeftConfigError` naming ``argument`` unless ``value`` is a positive (or, with ``allow_zero``,
+    non-negative) integer, or any real number when ``integer=False``; ``bool`` is never accepted."""
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        what = "an integer" if integer else "a number"
+        bound = ">= 0" if allow_zero else "> 0"
+        raise PeftConfigError(f"{argument}={value!r} is not valid; expected {what} {bound}")
+
+
+def check_probability(value: Any, argument: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise PeftConfigError(f"{argument}={value!r} is not valid; expected a probability in [0, 1)")
+
+
+@dataclass
+class LayerStrategy(Strategy):
+    """Shared recipe for strategies that add a :class:`~lightning_peft.core.layer.Delta` to chosen linears."""
+
+    def target_spec(self) -> tuple[Any, Any]:
+        """(target_modules, exclude_modules) as the user gave them."""
+        return self.target_modules, getattr(self, "exclude_modules", None)  # type: ignore[attr-defined]
+
+    def new_applied(self, plan: Any) -> Applied:
+        """The record one application fills: its targets, and in ``extra`` any state its deltas share."""
+        return Applied(targets=list(plan))
+
+    def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> Delta:
+        raise NotImplementedError
+
+    def plan(self, model: nn.Module, ctx: ApplyContext) -> list[str]:
+        targets, exclude = self.target_spec()
+        return resolve_targets(model, targets, exclude, skip=ctx.skip_modules)
+
+    def apply(self, model: nn.Module, plan: list[str], ctx: ApplyContext) -> Applied:
+        applied = self.new_applied(plan)
+        for name in applied.targets:
+            layer = adapt_linear(model, name, ctx.state)
+            base = layer.base_layer
+            delta = self.make_delta(layer, name, applied)
+            device = next((p.device for p in base.parameters()), None)
+            if device is not None and device.type != "meta":
+                delta.to(device)
+            layer.add_delta(ctx.set_name, self.name, delta)
+            applied.modules.append(delta)
+        return applied
+
+    def remove(self, model: nn.Module, applied: Applied, ctx: ApplyContext) -> None:
+        for name in applied.targets:
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError:
+                continue
+            if isinstance(layer, AdaptedLinear):
+                layer.remove_deltas(ctx.set_name, self.name)
+                restore_linear(model, name)
