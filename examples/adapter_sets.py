@@ -7,15 +7,16 @@ from lightning_peft import (
     IA3,
     LoRA,
     PromptTuning,
+    Quantization,
     activate,
     active_adapters,
     apply_peft,
     deactivate,
     list_adapter_sets,
+    load_adapters,
+    save_adapters,
     unload,
 )
-from lightning_peft.io import load_adapters, save_adapters
-from lightning_peft.quantization import Quantization
 
 config = LlamaConfig(
     vocab_size=128,
