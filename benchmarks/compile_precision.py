@@ -7,7 +7,7 @@ For each method (LoRA and AdaLoRA with dropout 0.05, prompt tuning), on the same
   ``speed_memory.py``: saved activations + parameters + gradients + optimizer state) in fp32 and under
   ``torch.autocast(dtype=torch.bfloat16)``, which is what Lightning's ``precision="bf16-mixed"`` runs.
 
-    python benchmarks/compile_precision.py                   # MiniLM seq-cls and a 4-layer Llama
+    python benchmarks/compile_precision.py --repeats 3       # MiniLM (16 x 64) and the 134M Llama (4 x 128)
     python benchmarks/compile_precision.py --smoke           # tiny models, one repeat (CI)
 """
 
@@ -82,8 +82,9 @@ def graph_breaks(train_step) -> tuple[int, list[str]]:
 def run_case(model_name: str, args) -> list[dict]:
     base, task = build_model(model_name, args.smoke)
     g = torch.Generator().manual_seed(0)
-    batch = torch.randint(5, base.config.vocab_size, (args.batch, args.length), generator=g)
-    labels = torch.randint(0, 2, (args.batch,), generator=g)
+    size = (args.batch or (16 if model_name == "minilm" else 4), args.length or (64 if model_name == "minilm" else 128))
+    batch = torch.randint(5, base.config.vocab_size, size, generator=g)
+    labels = torch.randint(0, 2, (size[0],), generator=g)
     rows, timed = {}, {}
     for m in args.methods:
         for autocast in (False, True):
@@ -131,8 +132,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--length", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="default: 16 for minilm, 4 for llama")
+    ap.add_argument("--length", type=int, default=None, help="default: 64 for minilm, 128 for llama")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
