@@ -14,7 +14,6 @@ For each method (LoRA and AdaLoRA with dropout 0.05, prompt tuning), on the same
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import statistics
 import sys
@@ -24,50 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_memory import SavedBytes, build_model, make_model, tensor_bytes
+from speed_memory import build_model, make_model, make_step
 
 METHODS = ("lora", "peft-lora", "adalora", "peft-adalora", "prompt", "peft-prompt")
-
-
-def step_fns(model, hook, extra, task: str, batch: torch.Tensor, labels: torch.Tensor, autocast: bool):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-    count = {"step": 0}
-
-    def loss_fn():
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with ctx:
-            kwargs = dict(input_ids=batch, attention_mask=torch.ones_like(batch))
-            out = model(**kwargs, labels=labels if task == "SEQ_CLS" else batch)
-            return out.loss + (extra() if extra is not None else 0.0)
-
-    def train_step():  # what a compiled training step traces
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    def step():
-        train_step()
-        opt.step()
-        count["step"] += 1
-        if hook is not None:
-            hook(count["step"])
-        opt.zero_grad(set_to_none=True)
-
-    def peak() -> int:
-        saved = SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-            loss = loss_fn()
-        loss.backward()
-        opt.step()
-        total = saved.total + tensor_bytes(list(model.parameters()) + list(model.buffers()))
-        total += tensor_bytes(p.grad for p in params)
-        total += tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-        opt.zero_grad(set_to_none=True)
-        return total
-
-    return train_step, step, peak
 
 
 def graph_breaks(train_step) -> tuple[int, list[str]]:
@@ -89,7 +47,7 @@ def run_case(model_name: str, args) -> list[dict]:
     for m in args.methods:
         for autocast in (False, True):
             model, hook, extra = make_model(m, base, model_name, task, "none", 1)
-            train_step, step, peak = step_fns(model, hook, extra, task, batch, labels, autocast)
+            step, peak, train_step = make_step(model, hook, extra, task, batch, labels, autocast)
             key = (m, autocast)
             row = rows.setdefault(m, {"model": model_name, "method": m.removeprefix("peft-"),
                                       "impl": "peft" if m.startswith("peft-") else "ours"})

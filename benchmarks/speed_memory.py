@@ -16,6 +16,7 @@ memory a training step holds at its peak (after the forward pass), and it is exa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import os
@@ -131,21 +132,32 @@ def tensor_bytes(tensors) -> int:
     return sum(seen.values())
 
 
-def make_step(model, hook, extra, task: str, batch: torch.Tensor, labels: torch.Tensor) -> tuple[Callable, Callable]:
+def make_step(
+    model, hook, extra, task: str, batch: torch.Tensor, labels: torch.Tensor, autocast: bool = False
+) -> tuple[Callable, Callable, Callable]:
+    """(one optimizer step, its counted peak bytes, the forward + loss + backward a compiled step traces).
+
+    ``autocast`` runs the forward under ``torch.autocast(dtype=torch.bfloat16)``, as ``precision="bf16-mixed"``.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     state = {"step": 0}
 
     def forward_loss():
-        if task == "SEQ_CLS":
-            out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=labels)
-        else:
-            out = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch)
-        return out.loss + (extra() if extra is not None else 0.0)
+        ctx = torch.autocast(batch.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            out = model(input_ids=batch, attention_mask=torch.ones_like(batch),
+                        labels=labels if task == "SEQ_CLS" else batch)
+            return out.loss + (extra() if extra is not None else 0.0)
+
+    def train_step():
+        loss = forward_loss()
+        loss.backward()
+        return loss
 
     def step():
-        forward_loss().backward()
+        train_step()
         opt.step()
         state["step"] += 1
         if hook is not None:
@@ -164,7 +176,7 @@ def make_step(model, hook, extra, task: str, batch: torch.Tensor, labels: torch.
         opt.zero_grad(set_to_none=True)
         return saved.total + weights + grads + optim
 
-    return step, peak_bytes
+    return step, peak_bytes, train_step
 
 
 def run_case(model_name: str, quant: str, methods: list[str], args) -> list[dict]:
@@ -179,7 +191,7 @@ def run_case(model_name: str, quant: str, methods: list[str], args) -> list[dict
         if model is None:
             continue
         n_train[m] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        step, peak = make_step(model, hook, extra, task, batch, labels)
+        step, peak, _ = make_step(model, hook, extra, task, batch, labels)
         try:
             step()  # warm-up
         except RuntimeError as err:  # e.g. peft's AdaLoRA on a bnb 4-bit layer on the CPU

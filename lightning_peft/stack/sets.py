@@ -156,11 +156,16 @@ def _switch(state: AdapterState, new: str | None) -> None:
 
 def check_can_add_set(state: AdapterState, name: str) -> None:
     """Called by :func:`~lightning_peft.stack.apply_peft` before it changes anything: no set may be merged."""
+    _refuse_while_merged(state, f"add adapter set {name!r}")
+
+
+def _refuse_while_merged(state: AdapterState, what: str, why: str = "") -> None:
+    """An :class:`AdapterStateError` saying ``what`` cannot be done while a set is merged into the base."""
     merged = _merged(state)
     if merged is not None:
         raise AdapterStateError(
-            f"cannot add adapter set {name!r}: set {merged!r} is merged into the base weights; "
-            "unmerge_adapter_set(model) first"
+            f"cannot {what}: set {merged!r} is merged into the base weights; call unmerge_adapter_set(model) "
+            f"(or stack.unmerge()) first{why}"
         )
 
 
@@ -199,12 +204,7 @@ def activate(model: nn.Module, name: str) -> PeftStack:
     _check_name(state, name, "name")
     if state.active == name:
         return state.stacks[name]
-    merged = _merged(state)
-    if merged is not None:
-        raise AdapterStateError(
-            f"cannot activate adapter set {name!r}: set {merged!r} is merged into the base weights; call "
-            "unmerge_adapter_set(model) first (merging is for serving one set)"
-        )
+    _refuse_while_merged(state, f"activate adapter set {name!r}", " (merging is for serving one set)")
     _switch(state, name)
     return state.stacks[name]
 
@@ -219,12 +219,7 @@ def deactivate(model: nn.Module) -> None:
 
 
 def _deactivate(state: AdapterState, what: str) -> None:
-    merged = _merged(state)
-    if merged is not None:
-        raise AdapterStateError(
-            f"cannot {what}: set {merged!r} is merged into the base weights; call unmerge_adapter_set(model) "
-            "(or stack.unmerge()) first"
-        )
+    _refuse_while_merged(state, what)
     _switch(state, None)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_peft.errors import AdapterStateError, PeftConfigError
-from lightning_peft.methods.adalora.method import AdaLoRADelta, adalora_parts, find_adalora_stack
+from lightning_peft.methods.adalora.method import AdaLoRADelta, required_adalora_parts
 
 _PARTS = ("A", "E", "B")
 STATE_VERSION = 1
@@ -128,13 +128,7 @@ class RankAllocator:
         target_r: int | None = None,
     ) -> RankAllocator:
         """Build the allocator for the AdaLoRA strategy of a stack (or model); ``target_r``/betas from the strategy."""
-        stack = find_adalora_stack(model_or_stack)
-        if stack is None:
-            raise PeftConfigError(
-                f"{type(model_or_stack).__name__} has no AdaLoRA strategy applied; add AdaLoRA(...) to the "
-                "strategies given to apply_peft or to the PEFT callback"
-            )
-        strategy, deltas, _ = adalora_parts(stack)
+        strategy, deltas, _ = required_adalora_parts(model_or_stack, "RankAllocator.from_model")
         return cls(
             deltas,
             strategy.target_r if target_r is None else target_r,

@@ -215,6 +215,20 @@ def adalora_parts(stack: Any) -> tuple[AdaLoRA, dict[str, AdaLoRADelta], _Alloca
     raise PeftConfigError(f"stack {stack.describe_short()} has no AdaLoRA strategy")
 
 
+def required_adalora_parts(
+    model_or_stack: Any, caller: str
+) -> tuple[AdaLoRA, dict[str, AdaLoRADelta], _AllocationFlag | None]:
+    """:func:`adalora_parts` of the stack found on ``model_or_stack``; a :class:`PeftConfigError` naming
+    ``caller`` when there is none."""
+    stack = find_adalora_stack(model_or_stack)
+    if stack is None:
+        raise PeftConfigError(
+            f"{caller}: {type(model_or_stack).__name__} has no AdaLoRA strategy applied; add AdaLoRA(...) to the "
+            "strategies given to apply_peft or to the PEFT callback first"
+        )
+    return adalora_parts(stack)
+
+
 def adalora_deltas(model_or_stack: Any) -> dict[str, AdaLoRADelta]:
     """AdaLoRA deltas by adapted module name (empty when the model has no AdaLoRA strategy)."""
     stack = find_adalora_stack(model_or_stack)
@@ -247,13 +261,7 @@ def orthogonal_regularization(
     """
     if convention not in ("peft", "paper"):
         raise PeftConfigError(f"convention={convention!r} is not valid; expected 'peft' or 'paper'")
-    stack = find_adalora_stack(model_or_stack)
-    if stack is None:
-        raise PeftConfigError(
-            f"orthogonal_regularization: {type(model_or_stack).__name__} has no AdaLoRA strategy applied; "
-            "apply AdaLoRA(...) with apply_peft or the PEFT callback first"
-        )
-    strategy, deltas, _ = adalora_parts(stack)
+    strategy, deltas, _ = required_adalora_parts(model_or_stack, "orthogonal_regularization")
     w = strategy.orth_reg_weight if weight is None else weight
     return orthogonal_penalty(deltas.values(), w, convention)
 
