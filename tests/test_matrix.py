@@ -57,7 +57,7 @@ def strategies(cell: Cell) -> list:
     s = cell.strategy
     if s.startswith("lora"):
         return [LoRA(r=4, alpha=8, target_modules=attn + mlp, use_rslora=s == "lora-rslora",
-                     dropout=0.1 if s == "lora-dropout" else 0.0)]
+                     dropout=0.1 if s.endswith("dropout") else 0.0, shared_dropout=s == "lora-shared-dropout")]
     if s == "adalora":
         return [AdaLoRA(init_r=4, target_r=2, alpha=8, target_modules=attn + mlp)]
     if s == "ia3":

@@ -57,13 +57,13 @@ def _graph_breaks(model, x) -> int:
     return len(torch._dynamo.explain(step)(x).break_reasons)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])  # 0.0: the fused low-rank node
-def test_compiled_step_breaks_the_graph_no_more_than_peft(dropout):
+@pytest.mark.parametrize(("dropout", "shared"), [(0.0, False), (0.1, False), (0.1, True)])  # 0.0: the fused node
+def test_compiled_step_breaks_the_graph_no_more_than_peft(dropout, shared):
     """torch.compile of a step with LoRA dropout broke the graph 27 times (peft: 1) on the CPU."""
     peft = pytest.importorskip("peft")
     x = token_batch()
     ours = tiny_llama()
-    apply_peft(ours, [LoRA(r=4, alpha=8, dropout=dropout, target_modules="all-linear")])
+    apply_peft(ours, [LoRA(r=4, alpha=8, dropout=dropout, target_modules="all-linear", shared_dropout=shared)])
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
                                                                target_modules="all-linear"))
     ours_breaks = _graph_breaks(ours.train(), x)
