@@ -26,6 +26,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TARGETS = ["query", "key", "value", "dense"]
+LORAPLUS_RATIO = 16  # the LoRA+ paper's recommended starting ratio (2**4)
 PROMPT_LR = 3e-2  # prompt embeddings need a far larger step than low-rank adapters (Lester et al. 2021, Sec. 3)
 # The prompt rows start from the embeddings of this text's tokens (the paper's best init, Sec. 3.2), the same
 # token ids for ours and PEFT's (PEFT tokenizes with special tokens, so ours is given those ids), so both start
@@ -36,12 +37,21 @@ PROMPT_TEXT = "Classify if the sentiment of this movie review is positive or neg
 # layers that read one tensor (``LoRA(shared_dropout=True)``). ``lora-shared-v0.1`` holds the runs of the
 # previous default (a shared draw of the dropped positions on the CPU, since removed): reported, not rerunnable.
 HISTORICAL = {"lora-shared-v0.1"}
+LORA_FAMILY = ("lora", "dora", "pissa", "loraplus")
 ROWS: dict[str, dict] = {
     "full": {"lr": 5e-5, "who": "-"},
     "lora": {"lr": 1e-3, "who": "ours"},
     "lora-shared": {"lr": 1e-3, "who": "ours"},
     "lora-shared-v0.1": {"lr": 1e-3, "who": "ours"},
     "peft-lora": {"lr": 1e-3, "who": "peft"},
+    # the LoRA family at LoRA's budget (r=8, alpha=16, dropout 0.05, the same targets and steps)
+    "dora": {"lr": 1e-3, "who": "ours"},
+    "peft-dora": {"lr": 1e-3, "who": "peft"},
+    "pissa": {"lr": 1e-3, "who": "ours"},
+    "peft-pissa": {"lr": 1e-3, "who": "peft"},
+    # LoRA+: B at LORAPLUS_RATIO x lr; lr is half LoRA's, as peft's create_loraplus_optimizer advises
+    "loraplus": {"lr": 5e-4, "who": "ours"},
+    "peft-loraplus": {"lr": 5e-4, "who": "peft"},
     "adalora": {"lr": 1e-3, "who": "ours"},
     "peft-adalora": {"lr": 1e-3, "who": "peft"},
     "prompt": {"lr": 1e-3, "who": "ours"},
@@ -79,8 +89,10 @@ def build(row: str, args, seed: int):
         import peft
 
         kind = row[5:]
-        if kind == "lora":
-            cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="SEQ_CLS")
+        if kind in LORA_FAMILY:
+            extra_cfg = {"dora": {"use_dora": True}, "pissa": {"init_lora_weights": "pissa"}}.get(kind, {})
+            cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS, task_type="SEQ_CLS",
+                                  **extra_cfg)
         elif kind == "adalora":
             cfg = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
                                      tinit=sched["tinit"], tfinal=sched["tfinal"], deltaT=sched["delta_t"],
@@ -105,6 +117,9 @@ def build(row: str, args, seed: int):
         prompt.update(init="text", init_token_ids=args.prompt_ids)
     if row in ("lora", "lora-shared"):
         strategies = [LoRA(r=8, alpha=16, dropout=0.05, target_modules=TARGETS, shared_dropout=row == "lora-shared")]
+    elif row in LORA_FAMILY:
+        extra_cfg = {"dora": {"use_dora": True}, "pissa": {"init_weights": "pissa"}}.get(row, {})
+        strategies = [LoRA(r=8, alpha=16, dropout=0.05, target_modules=TARGETS, **extra_cfg)]
     elif row == "adalora":
         from lightning_peft.strategies import AdaLoRA
 
@@ -140,7 +155,16 @@ def run(row: str, args, seed: int, train, test, tok) -> dict:
     lr = ROWS[row]["lr"]
     groups = [{"params": [p for n, p in params if "prompt" not in n], "lr": lr},
               {"params": [p for n, p in params if "prompt" in n], "lr": PROMPT_LR}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    if row == "loraplus":
+        from lightning_peft.stack.optim import loraplus_param_groups
+
+        groups = loraplus_param_groups(model, lr, LORAPLUS_RATIO)
+    if row == "peft-loraplus":  # peft's grouping: its B group also takes every 1-D parameter (the head's bias)
+        from peft.optimizers import create_loraplus_optimizer
+
+        opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=LORAPLUS_RATIO)
+    else:
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     # one training-noise stream per seed for every row: building a model may draw from the global generator
     # (PEFT's prompt table is drawn at random before the text init overwrites it), which would otherwise shift

@@ -16,7 +16,8 @@ from lightning_peft.lightning.checkpointing import (
     peft_target,
     trim_checkpoint,
 )
-from lightning_peft.methods.base import Strategy, strategy_from_config
+from lightning_peft.methods.base import Strategy, check_positive, strategy_from_config
+from lightning_peft.stack.optim import loraplus_param_groups
 from lightning_peft.stack.peft_stack import DEFAULT_SET, PeftStack, apply_peft
 
 
@@ -27,7 +28,8 @@ class PEFTMixin:
     applied in ``configure_model`` (idempotent: it also runs for validate/test and ``load_from_checkpoint``);
     ``configure_optimizers`` builds ``optimizer`` (an ``OptimizerCallable``, e.g. from LightningCLI's
     ``--model.optimizer``; default AdamW with ``lr`` and ``weight_decay``) over the trainable parameters only,
-    plus the optional ``scheduler``; checkpoints hold the adapter state only. Build the backbone in
+    plus the optional ``scheduler``; ``loraplus_lr_ratio`` gives the B-type factors (LoRA's ``lora_B``, ...) a
+    learning rate that many times ``lr`` (LoRA+, see :func:`~lightning_peft.stack.optim.loraplus_param_groups`); checkpoints hold the adapter state only. Build the backbone in
     ``__init__``, or in your own ``configure_model`` before calling ``super().configure_model()``.
 
     Example:
@@ -49,6 +51,7 @@ class PEFTMixin:
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: str = "step",
+        loraplus_lr_ratio: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -65,6 +68,9 @@ class PEFTMixin:
                 f"scheduler_interval={scheduler_interval!r} is not valid; expected 'step' or 'epoch'"
             )
         self.peft_scheduler_interval = scheduler_interval
+        if loraplus_lr_ratio is not None:
+            check_positive(loraplus_lr_ratio, "loraplus_lr_ratio", integer=False)
+        self.peft_loraplus_lr_ratio = loraplus_lr_ratio
         # adapter-only state dicts load into the full module; on_load_checkpoint checks completeness
         self.strict_loading = False
 
@@ -85,11 +91,19 @@ class PEFTMixin:
     def configure_optimizers(self) -> Any:
         """``optimizer`` (default AdamW with ``lr`` and ``weight_decay``) over the trainable parameters only, and
         ``scheduler`` on it, stepped every ``scheduler_interval`` (``ReduceLROnPlateau`` monitors ``val_loss``)."""
-        params = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        params: Any = [p for p in self.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        ratio = self.peft_loraplus_lr_ratio
+        if ratio is not None:  # LoRA+: B-type factors at ratio x the optimizer's learning rate
+            groups = loraplus_param_groups(self.peft_stack, self.peft_lr, ratio, parameters=params)
+            params = [{"name": g["name"], "params": g["params"]} for g in groups]  # the optimizer's own lr
         if self.peft_optimizer is None:
             optimizer = torch.optim.AdamW(params, lr=self.peft_lr, weight_decay=self.peft_weight_decay)
         else:
             optimizer = self.peft_optimizer(params)
+        if ratio is not None:
+            for group in optimizer.param_groups:
+                if group.get("name") == "loraplus_b":
+                    group["lr"] = group["lr"] * ratio
         if self.peft_scheduler is None:
             return optimizer
         scheduler = self.peft_scheduler(optimizer)

@@ -68,6 +68,9 @@ class Strategy:
     #: the metric name under which a training loop logs :meth:`regularization`; ``None``: the strategy adds no
     #: term to the loss
     loss_term: ClassVar[str | None] = None
+    #: names of the parameters that play B's role in a ``B A`` factorization (the factor that starts at zero and
+    #: maps the small inner dimension back out); LoRA+ gives them a larger learning rate
+    up_factors: ClassVar[tuple[str, ...]] = ()
 
     def plan(self, model: nn.Module, ctx: ApplyContext) -> Any:
         """Resolve targets and check the config against ``model``; must not modify the model."""

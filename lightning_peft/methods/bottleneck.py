@@ -117,6 +117,7 @@ class Adapter(Strategy):
 
     name = "adapter"
     prefix = "adapter_"
+    up_factors = ("adapter_up",)
     level = Level.MODULE
     mergeable = False
 

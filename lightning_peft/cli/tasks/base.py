@@ -58,6 +58,7 @@ class TaskModule(PEFTMixin, L.LightningModule):
         gradient_checkpointing: bool = False,
         torch_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         adapter_name: str = "default",
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
         strategies = [LoRA()] if strategies is None else strategies
         super().__init__(
@@ -70,6 +71,7 @@ class TaskModule(PEFTMixin, L.LightningModule):
             optimizer=optimizer,
             scheduler=scheduler,
             scheduler_interval=scheduler_interval,
+            loraplus_lr_ratio=loraplus_lr_ratio,
         )
         self.quantization = _quantization(quantization)
         self.gradient_checkpointing = gradient_checkpointing

@@ -33,6 +33,8 @@ class CausalLM(TaskModule):
         gradient_checkpointing: recompute activations in backward to save memory.
         torch_dtype: load the backbone in this dtype (default: the checkpoint's).
         adapter_name: name of the adapter set.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): train the B-type factors (LoRA's ``lora_B``, ...) at this
+            many times the optimizer's learning rate (16 is the paper's starting point); ``None``: off.
         max_new_tokens: tokens generated per prompt in ``predict``.
 
     Example:
@@ -57,6 +59,7 @@ class CausalLM(TaskModule):
         torch_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         adapter_name: str = "default",
         max_new_tokens: int = 32,
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
         super().__init__(
             model_name_or_path,
@@ -71,6 +74,7 @@ class CausalLM(TaskModule):
             gradient_checkpointing,
             torch_dtype,
             adapter_name,
+            loraplus_lr_ratio,
         )
         self.max_new_tokens = max_new_tokens
         self._sums: dict[str, list[float]] = {}

@@ -41,6 +41,8 @@ class SequenceClassification(TaskModule):
         gradient_checkpointing: recompute activations in backward to save memory.
         torch_dtype: load the backbone in this dtype (default: the checkpoint's).
         adapter_name: name of the adapter set.
+        loraplus_lr_ratio: LoRA+ (Hayou et al. 2024): train the B-type factors (LoRA's ``lora_B``, ...) at this
+            many times the optimizer's learning rate (16 is the paper's starting point); ``None``: off.
 
     Example:
         >>> model = SequenceClassification("minilm", num_labels=2, strategies=[LoRA(r=8)])
@@ -63,6 +65,7 @@ class SequenceClassification(TaskModule):
         gradient_checkpointing: bool = False,
         torch_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         adapter_name: str = "default",
+        loraplus_lr_ratio: float | None = None,
     ) -> None:
         if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 2:
             raise PeftConfigError(f"num_labels={num_labels!r} is not valid; expected an integer >= 2")
@@ -80,6 +83,7 @@ class SequenceClassification(TaskModule):
             gradient_checkpointing,
             torch_dtype,
             adapter_name,
+            loraplus_lr_ratio,
         )
         self.val_acc = MulticlassAccuracy(num_labels, average="micro")
         self.val_f1 = MulticlassF1Score(num_labels, average="macro")

@@ -144,6 +144,7 @@ class AdaLoRA(LayerStrategy):
 
     name = "adalora"
     prefix = "adalora_"
+    up_factors = ("adalora_B",)
     loss_term = "adalora/orth_reg"
 
     init_r: int = 12

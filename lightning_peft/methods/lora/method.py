@@ -87,6 +87,7 @@ class LoRA(LayerStrategy):
 
     name = "lora"
     prefix = "lora_"
+    up_factors = ("lora_B",)
 
     r: int = 8
     alpha: float = 8.0
