@@ -51,6 +51,7 @@ def test_recipes_are_shipped_from_one_copy():
     for expected in (
         "demo",
         "minilm_lora",
+        "minilm_loraplus",
         "minilm_adalora",
         "minilm_prompt_tuning",
         "minilm_hybrid",
@@ -94,6 +95,8 @@ def test_every_recipe_parses_and_instantiates(name, tiny, tmp_path, monkeypatch)
     assert cli.datamodule.tokenizer_name == model.model_name_or_path  # linked
     model.configure_model()  # the stack applies to the real backbone (MiniLM or the tiny Llama)
     assert model.peft_stack is not None
+    if name == "minilm_loraplus":
+        assert {g["name"] for g in model.configure_optimizers().param_groups} == {"loraplus_a", "loraplus_b"}
     if "qlora" in name or name in ("demo", "sst2_hybrid", "llama_hybrid"):
         assert model.peft_stack.quantization is not None and model.peft_stack.quantization.mode == "nf4"
 
