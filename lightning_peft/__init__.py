@@ -26,6 +26,7 @@ from lightning_peft.methods.selective import BitFit, LayerNormTuning, Unfreeze
 from lightning_peft.quantization.config import Quantization, bnb_config
 from lightning_peft.quantization.convert import quantize_model
 from lightning_peft.quantization.kbit import prepare_for_kbit_training
+from lightning_peft.stack.optim import create_loraplus_optimizer, loraplus_param_groups
 from lightning_peft.stack.peft_stack import PeftStack, apply_peft
 from lightning_peft.stack.sets import (
     activate,
@@ -87,6 +88,8 @@ __all__ = [
     "unload",
     "unmerge_adapter_set",
     "apply_peft",
+    "create_loraplus_optimizer",
+    "loraplus_param_groups",
     "bnb_config",
     "prepare_for_kbit_training",
     "quantize_model",

@@ -7,9 +7,16 @@ import re
 import pytest
 import torch
 
-from lightning_peft import AdaLoRA, LoRA, PeftConfigError, PromptTuning, apply_peft
-from lightning_peft.methods.bottleneck import Adapter
-from lightning_peft.stack.optim import create_loraplus_optimizer, loraplus_param_groups
+from lightning_peft import (
+    AdaLoRA,
+    Adapter,
+    LoRA,
+    PeftConfigError,
+    PromptTuning,
+    apply_peft,
+    create_loraplus_optimizer,
+    loraplus_param_groups,
+)
 from tests.helpers import tiny_bert
 
 
