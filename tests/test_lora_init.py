@@ -370,3 +370,30 @@ def test_loftq_single_round_export_loads_on_the_base_quantized_at_load_time(tmp_
                                                  dtype=torch.float32).eval()
     keep_standard_layout(quantized)  # no bf16 repacking on AVX512-BF16 CPUs, as apply_peft does
     agree((logits(peft_load(quantized, folder), x) - ours).abs().max().item(), 1e-5)
+
+
+def test_lightning_checkpoint_of_a_pissa_run_restores_on_a_fresh_module(tmp_path, monkeypatch):
+    """PEFT callback + Trainer + ModelCheckpoint, then the documented restore on a fresh module, whose randomized
+    SVD (another sketch here) gives other A0, B0 than the run's: the checkpoint's are the ones the base gives up."""
+    from helpers import ClassifierModule, classification_data, loader, tiny_bert, trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_peft.callbacks import PEFT, restore_from_checkpoint
+
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    module = ClassifierModule(model=tiny_bert(**no_dropout))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)
+    callback = PEFT([LoRA(r=4, alpha=8, target_modules=["query", "value"], init_weights="pissa_niter_2")],
+                    unfreeze=["classifier"], model_attr="model")
+    trainer(tmp_path, max_steps=4, callbacks=[callback, ckpt], enable_checkpointing=True).fit(
+        module, loader(classification_data()))
+    x = classification_data(n=4).tensors[0]
+    module.eval()
+    with torch.no_grad():
+        want = module(x)
+    monkeypatch.setattr(init, "SKETCH_SEED", 1)
+    loaded = ClassifierModule.load_from_checkpoint(ckpt.last_model_path, strict=False, model=tiny_bert(**no_dropout))
+    restore_from_checkpoint(loaded, ckpt.last_model_path)
+    loaded.eval()
+    with torch.no_grad():
+        agree((loaded(x) - want).abs().max().item(), 1e-5)

@@ -32,6 +32,7 @@ from lightning_peft.core.backend import (
     base_shape,
     base_weight,
     dequantize,
+    is_linear,
     is_quantized,
     quantize,
     quantized_kind,
@@ -167,6 +168,8 @@ def _residual(W: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
 
 # -- planning and applying -------------------------------------------------------------------------------------
 def _weight_problem(name: str, base: nn.Module, init: str, r: int, ctx: Any, tied: dict[int, list[str]]) -> str:
+    if not is_linear(base):
+        return f"{name} is a {type(base).__name__}; init_weights={init!r} reads linear layers only"
     weight = getattr(base, "weight", None)
     if not isinstance(weight, Tensor) or weight.device.type == "meta":
         return f"{name} has no weight to read (on the meta device, or none): materialize the model first"
