@@ -17,6 +17,7 @@ SCRIPTS = [  # (argv, a line the script's table must print)
     (["long_run_memory.py", "--steps", "20"], "tensor bytes"),
     (["checkpoint_sizes.py", "--smoke"], "| weights-only |"),
     (["compile_precision.py", "--smoke"], "| llama | lora | ours |"),
+    (["loftq_error.py", "--smoke"], "| error removed by loftq_iter=5 |"),
 ]
 
 

@@ -78,17 +78,62 @@ def base_weight(base: nn.Module) -> Tensor:
     weight = base.weight
     if is_conv1d(base):
         return weight.detach().t()
-    kind = quantized_kind(weight)
-    if kind == "4bit":
+    if quantized_kind(weight) is not None:
+        return dequantize(weight, getattr(getattr(base, "state", None), "SCB", None))
+    return weight.detach()
+
+
+def dequantize(weight: Tensor, scb: Tensor | None = None) -> Tensor:
+    """A bitsandbytes 4-bit or 8-bit parameter as a float32 (out, in) matrix (``scb``: an 8-bit layer's row
+    scales when the parameter no longer holds them, as after its first forward)."""
+    if quantized_kind(weight) == "4bit":
         import bitsandbytes.functional as bnbF
 
         return bnbF.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
-    if kind == "8bit":
-        scb = getattr(weight, "SCB", None)
-        if scb is None:
-            scb = base.state.SCB
-        return weight.data.to(torch.float32) * scb.to(torch.float32).view(-1, 1) / 127.0
-    return weight.detach()
+    scb = getattr(weight, "SCB", None) if getattr(weight, "SCB", None) is not None else scb
+    return weight.data.to(torch.float32) * scb.to(torch.float32).view(-1, 1) / 127.0
+
+
+def quantize(weight: Tensor, kind: Literal["4bit", "8bit"], *, quant_type: str = "nf4", double_quant: bool = False,
+             quant_storage: torch.dtype = torch.uint8, blocksize: int | None = None,
+             module: nn.Module | None = None) -> nn.Parameter:
+    """``weight`` (out, in) as a frozen bitsandbytes parameter quantized on its device, as a bitsandbytes layer
+    quantizes its weight (``module``: the ``Linear4bit`` that will hold a 4-bit one)."""
+    import bitsandbytes as bnb
+
+    if kind == "4bit":
+        return bnb.nn.Params4bit(
+            weight.contiguous(), requires_grad=False, blocksize=blocksize, compress_statistics=double_quant,
+            quant_type=quant_type, quant_storage=quant_storage, module=module,
+        ).to(weight.device)
+    # Int8Params quantizes when it leaves the CPU for a device (or stays on it)
+    return bnb.nn.Int8Params(
+        weight.to("cpu").contiguous(), requires_grad=False, has_fp16_weights=False
+    ).to(weight.device)
+
+
+def set_base_weight(base: nn.Module, weight: Tensor) -> None:
+    """Write a float (out, in) matrix into a base linear in place, the inverse of :func:`base_weight`: cast to
+    the layer's dtype, transposed for a ``Conv1D``, quantized again with the layer's own settings for a
+    bitsandbytes layer (which adds that quantization's rounding error)."""
+    old = base.weight
+    kind = quantized_kind(old)
+    with torch.no_grad():
+        if kind is None:
+            old.copy_((weight.t() if is_conv1d(base) else weight).to(old.dtype))
+            return
+        if kind == "4bit":
+            dtype = getattr(old.quant_state, "dtype", None) or torch.float32
+            base.weight = quantize(
+                weight.to(old.device, dtype), "4bit", quant_type=old.quant_type,
+                double_quant=old.compress_statistics, quant_storage=old.quant_storage, blocksize=old.blocksize,
+                module=base,
+            )
+        else:
+            base.weight = quantize(weight.to(old.device), "8bit")
+            state = getattr(base, "state", None)
+            if state is not None:  # a Linear8bitLt reads its row scales from here after the first forward
+                state.CB = state.SCB = None
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.backend import base_shape, base_weight, get_submodule_parent, is_conv1d, is_quantized
-from lightning_peft.core.state import AdapterState
+from lightning_peft.core.state import BASE_LAYER, DELTAS, AdapterState
 
 
 class Delta(nn.Module):
@@ -49,6 +49,10 @@ class Delta(nn.Module):
 
     def output_scale(self) -> Tensor | None:
         return None
+
+    def before_load(self, layer: AdaptedLinear, state_dict: dict[str, Any], prefix: str) -> None:
+        """Called before ``state_dict`` (this delta's keys start with ``prefix``) is loaded into this delta, so a
+        delta that changed its base layer (PiSSA's residual) can make the base agree with the loaded state."""
 
 
 class AdaptedLinear(nn.Module):
@@ -127,6 +131,20 @@ class AdaptedLinear(nn.Module):
         for d in additive:
             y = d.add_to(y, x)
         return y
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def prepare_load(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Let each delta adjust the base before ``state_dict`` (this layer's keys start with ``prefix``) loads
+        into it, unless the state dict brings the base layer itself (see :meth:`Delta.before_load`)."""
+        if any(k.startswith(prefix + BASE_LAYER + ".") for k in state_dict):
+            return
+        for set_name, group in self.adapters.items():
+            for key, delta in group.items():
+                delta.before_load(self, state_dict, f"{prefix}{DELTAS}.{set_name}.{key}.")
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        self.prepare_load(state_dict, prefix)  # nn.Module.load_state_dict: before the children load
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- merge ---------------------------------------------------------------------------------------------
     def _scales(self, set_name: str) -> tuple[Tensor | None, Tensor | None]:

@@ -125,12 +125,11 @@ class _LowRank:
 
 def _lowrank_of(delta: nn.Module, strategy: str, key_prefix: str) -> _LowRank | None:
     if strategy == "lora":
-        return _LowRank(
-            delta.lora_A.detach(),
-            delta.lora_B.detach(),
-            float(delta.scaling),
-            (key_prefix + "lora_A", key_prefix + "lora_B"),
-        )
+        A, B, keys = delta.lora_A.detach(), delta.lora_B.detach(), (key_prefix + "lora_A", key_prefix + "lora_B")
+        if getattr(delta, "lora_A0", None) is not None:  # PiSSA / OLoRA: the base gave up s B0 A0, so against
+            # the original weights the update is s (B A - B0 A0) = s [B, -B0] [A; A0] (peft's conversion)
+            A, B, keys = torch.cat([A, delta.lora_A0.to(A.dtype)]), torch.cat([B, -delta.lora_B0.to(B.dtype)], 1), None
+        return _LowRank(A, B, float(delta.scaling), keys)
     if strategy == "adalora":
         return _adalora_lowrank(delta)
     return None
@@ -170,10 +169,14 @@ def _lora_part(
     verbatim: dict[str, str] = {}
     config: dict[str, Any] = {"peft_type": "LORA"}
     if names == ["lora"] and lora is not None:
-        # plain LoRA: exactly what PEFT itself would save (raw A and B, the user's r and alpha)
+        # plain LoRA: exactly what PEFT itself would save (raw A and B, the user's r and alpha); PiSSA / OLoRA
+        # converted to plain LoRA of the original base at rank 2r, as PEFT converts them (alpha doubled with it)
         r, alpha, rank_pattern, alpha_pattern = lora.r, lora.alpha, {}, {}
+        if lora.changes_base and lora.init_weights != "loftq":
+            r, alpha = 2 * r, alpha * (2**0.5 if lora.use_rslora else 2)
         for module, (lr,) in per_module.items():
-            for which, tensor, key in (("A", lr.A, lr.keys[0]), ("B", lr.B, lr.keys[1])):
+            keys = lr.keys or (None, None)
+            for which, tensor, key in (("A", lr.A, keys[0]), ("B", lr.B, keys[1])):
                 peft_key = f"base_model.model.{module}.lora_{which}.weight"
                 tensors[peft_key] = tensor
                 if key in native:

@@ -43,6 +43,10 @@ class ApplyContext:
     set_name: str
     state: AdapterState
     skip_modules: set[str] = field(default_factory=set)
+    #: the quantization settings ``apply_peft`` applies after planning (a ``Quantization``), and the names of
+    #: the layers it quantizes; empty when it quantizes nothing
+    quantization: Any = None
+    to_quantize: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -75,6 +79,10 @@ class Strategy:
     def plan(self, model: nn.Module, ctx: ApplyContext) -> Any:
         """Resolve targets and check the config against ``model``; must not modify the model."""
         raise NotImplementedError
+
+    def before_quantization(self, model: nn.Module, plan: Any, ctx: ApplyContext) -> None:
+        """Called once every strategy has planned, just before ``apply_peft`` quantizes ``ctx.to_quantize``: the
+        last moment the full-precision weights of those layers can be read or changed (LoftQ, PiSSA)."""
 
     def apply(self, model: nn.Module, plan: Any, ctx: ApplyContext) -> Applied:
         raise NotImplementedError

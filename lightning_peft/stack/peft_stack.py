@@ -114,6 +114,9 @@ class PeftStack(StackHandle):
         """Load adapter weights; missing, unexpected or misshapen keys raise :class:`AdapterStateError`."""
         self.check_adapter_state_dict(state_dict, root, strict=strict)
         expected = self._owned_keys(root)
+        for layer_name, layer in (self.model if root is None else root).named_modules():
+            if isinstance(layer, AdaptedLinear) and self.name in layer.adapters:
+                layer.prepare_load(state_dict, layer_name + ".")  # e.g. PiSSA's residual base follows its A0, B0
         with torch.no_grad():
             for key, target in expected.items():
                 target.copy_(state_dict[key].to(device=target.device, dtype=target.dtype))
@@ -298,11 +301,14 @@ def apply_peft(
 
         check_can_add_set(state, name)
     unfreeze_names = resolve_unfreeze(model, unfreeze)
-    ctx = ApplyContext(set_name=name, state=state, skip_modules=set(unfreeze_names))
     to_quantize = plan_quantization(model, quantize, unfreeze_names) if quantize is not None else []
+    ctx = ApplyContext(set_name=name, state=state, skip_modules=set(unfreeze_names),
+                       quantization=quantize if to_quantize else None, to_quantize=set(to_quantize))
     plans = [s.plan(model, ctx) for s in strategies]  # validation only: nothing is modified yet
     if to_quantize:  # quantize first, inject after: adapters are never quantized
         plans = _selective_plans_check(strategies, plans, set(to_quantize))
+        for strategy, plan in zip(strategies, plans):  # e.g. LoftQ reads the weights before they are quantized
+            strategy.before_quantization(model, plan, ctx)
         quantize_model(model, quantize, unfreeze_names)  # type: ignore[arg-type]
         # selective plans hold (name, tensor); quantization rebuilt those layers' parameters (e.g. biases)
         plans = [[(n, model.get_parameter(n)) for n, _ in p] if s.level is Level.SELECTIVE else p

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +14,13 @@ from lightning_peft.core.layer import AdaptedLinear, Delta
 from lightning_peft.core.targets import ALL_LINEAR, check_patterns
 from lightning_peft.methods.base import (
     Applied,
+    ApplyContext,
     LayerStrategy,
     check_positive,
     check_probability,
     register_strategy,
 )
+from lightning_peft.methods.lora import init
 from lightning_peft.ops.dropout import project
 from lightning_peft.ops.lowrank import lowrank_linear
 
@@ -26,7 +29,7 @@ class LoRADelta(Delta):
     """``B A x * scaling`` with A (r, in) and B (out, r)."""
 
     def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float,
-                 init_weights: bool = True, shared_dropout: bool = False) -> None:
+                 init_weights: bool | str = True, shared_dropout: bool = False) -> None:
         super().__init__()
         self.r = r
         self.scaling = scaling
@@ -36,7 +39,9 @@ class LoRADelta(Delta):
         self.lora_B = nn.Parameter(torch.zeros(out_features, r))
         # Section 4.1 of the paper: random A, zero B, so the adapted model starts equal to the base model.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if not init_weights:  # non-zero B: useful in tests that need a delta from step 0
+        if init_weights == "gaussian":  # peft's "gaussian": A ~ N(0, 1/r^2), B = 0
+            nn.init.normal_(self.lora_A, std=1 / r)
+        if init_weights is False:  # non-zero B: useful in tests that need a delta from step 0
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -55,6 +60,9 @@ class LoRADelta(Delta):
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    def before_load(self, layer: AdaptedLinear, state_dict: dict[str, Any], prefix: str) -> None:
+        init.rebase(self, layer.base_layer, state_dict, prefix)  # PiSSA / OLoRA: the base follows A0, B0
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout}"
@@ -75,14 +83,23 @@ class LoRA(LayerStrategy):
             adapting all linears necessary to match full fine-tuning).
         exclude_modules: names or regex of modules never adapted.
         use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) so larger ranks keep learning.
-        init_weights: ``True`` for the paper's init (B = 0); ``False`` draws B at random (for tests).
+        init_weights: ``True`` for the paper's init (random A, B = 0); ``False`` draws B at random too (for
+            tests); ``"gaussian"``: A ~ N(0, 1/r^2), B = 0. Three read the base weight, as ``peft``'s of the same
+            names (see :mod:`lightning_peft.methods.lora.init`): ``"pissa"`` (A, B from the top-``r`` singular
+            triplets of W, the base keeps the residual; ``"pissa_niter_K"``: a randomized SVD with ``K``
+            subspace iterations, fast on large layers), ``"olora"`` (from W's QR decomposition; the base keeps
+            the residual) and ``"loftq"`` (on layers ``apply_peft(..., quantize=...)`` quantizes: Q + s B A
+            fits W). A PEFT export of a PiSSA / OLoRA adapter is converted to a rank-``2r`` LoRA of the
+            original base weights.
         shared_dropout: opt-in memory saver: layers that read one input tensor (q/k/v) share one dropout
             mask and one masked copy of it instead of one each. Their draws are then correlated; measured on
             SST-2 in ``BENCHMARKS.md``. Not exported (``peft`` has no such option; it changes only training).
+        loftq_iter: LoftQ's alternating rounds of quantization and SVD (``init_weights="loftq"`` only); the bits
+            and format are those of ``apply_peft(..., quantize=...)``.
 
     Example:
         >>> LoRA(r=8, alpha=16, target_modules=["query", "value"])
-        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True, shared_dropout=False)
+        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True, shared_dropout=False, loftq_iter=1)
     """
 
     name = "lora"
@@ -95,8 +112,9 @@ class LoRA(LayerStrategy):
     target_modules: list[str] | str = ALL_LINEAR
     exclude_modules: list[str] | str | None = None
     use_rslora: bool = False
-    init_weights: bool = True
+    init_weights: bool | str = True
     shared_dropout: bool = False
+    loftq_iter: int = 1
 
     def __post_init__(self) -> None:
         check_positive(self.r, "r")
@@ -104,6 +122,7 @@ class LoRA(LayerStrategy):
         check_probability(self.dropout, "dropout")
         check_patterns(self.target_modules, "target_modules")
         check_patterns(self.exclude_modules, "exclude_modules")
+        init.check_init(self.init_weights, self.loftq_iter)
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
 
@@ -111,6 +130,36 @@ class LoRA(LayerStrategy):
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    @property
+    def changes_base(self) -> bool:
+        """PiSSA, OLoRA and LoftQ change the base weights (shared by every adapter set of the model)."""
+        return init.reads_base(self.init_weights)
+
+    def plan(self, model: nn.Module, ctx: ApplyContext) -> list[str]:
+        targets = super().plan(model, ctx)
+        return init.plan_init(self, model, targets, ctx) if self.changes_base else targets
+
+    def before_quantization(self, model: nn.Module, plan: list[str], ctx: ApplyContext) -> None:
+        if isinstance(plan, init.InitPlan):
+            init.write_before_quantization(plan, model, self.scaling, ctx.to_quantize)
+
+    def new_applied(self, plan: list[str]) -> Applied:
+        applied = super().new_applied(plan)
+        if isinstance(plan, init.InitPlan):  # taken by make_delta, layer by layer
+            applied.extra["init"] = dict(plan.factors)
+        return applied
+
     def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> LoRADelta:
-        return LoRADelta(layer.in_features, layer.out_features, self.r, self.scaling, self.dropout,
-                         self.init_weights, self.shared_dropout)
+        delta = LoRADelta(layer.in_features, layer.out_features, self.r, self.scaling, self.dropout,
+                          self.init_weights, self.shared_dropout)
+        factors = applied.extra.get("init", {}).pop(name, None)
+        if factors is not None:
+            init.start(delta, layer.base_layer, factors)
+        return delta
+
+    def remove(self, model: nn.Module, applied: Applied, ctx: ApplyContext) -> None:
+        for name, delta in zip(applied.targets, applied.modules):  # PiSSA / OLoRA: the base takes back its part
+            layer = model.get_submodule(name)
+            if isinstance(layer, AdaptedLinear):
+                init.give_back(delta, layer.base_layer)
+        super().remove(model, applied, ctx)
