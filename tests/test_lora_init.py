@@ -397,3 +397,19 @@ def test_lightning_checkpoint_of_a_pissa_run_restores_on_a_fresh_module(tmp_path
     loaded.eval()
     with torch.no_grad():
         agree((loaded(x) - want).abs().max().item(), 1e-5)
+
+
+def test_callback_does_not_quantize_before_a_strategy_that_reads_the_full_precision_weights():
+    """On a CUDA Trainer the callback quantizes on the device before ``apply_peft``; LoftQ must see W first, so it
+    leaves the quantization to ``apply_peft`` (here the device pre-quantization is forced on the CPU)."""
+    from helpers import CausalLMModule
+
+    from lightning_peft.callbacks import PEFT
+
+    module = CausalLMModule(model=tiny_llama())
+    callback = PEFT([LoRA(r=4, alpha=4, target_modules=["q_proj"], init_weights="loftq")],
+                    quantize=Quantization("nf4"), model_attr="model")
+    callback._quantize_device = torch.device("cpu")  # what setup sets on a CUDA Trainer
+    stack = callback.apply(module)  # before the fix: PeftConfigError, the layer already quantized
+    assert stack.strategies[0].init_weights == "loftq" and stack.quantization.mode == "nf4"
+    assert type(module.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"

@@ -163,7 +163,10 @@ class PEFT(Callback):
             stack = None
         if stack is None:
             target = peft_target(pl_module, self.model_attr)
-            if self._quantize is not None and self._quantize_device is not None:  # quantize on the GPU, not the CPU
+            # quantize on the GPU, not the CPU, unless a strategy must read the full-precision weights first
+            # (LoftQ, PiSSA: apply_peft then quantizes, after them)
+            if (self._quantize is not None and self._quantize_device is not None
+                    and not any(s.changes_base for s in self.strategies)):
                 quantize_on_device(target, self._quantize, self.unfreeze, self._quantize_device)
             stack = apply_peft(target, self.strategies, unfreeze=self.unfreeze, name=self.name,
                                quantize=self._quantize)

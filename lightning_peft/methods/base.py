@@ -80,6 +80,12 @@ class Strategy:
         """Resolve targets and check the config against ``model``; must not modify the model."""
         raise NotImplementedError
 
+    @property
+    def changes_base(self) -> bool:
+        """Whether applying changes the frozen base weights (PiSSA, OLoRA, LoftQ); such a strategy reads the
+        full-precision weights, so nothing may quantize the model before ``apply_peft`` does."""
+        return False
+
     def before_quantization(self, model: nn.Module, plan: Any, ctx: ApplyContext) -> None:
         """Called once every strategy has planned, just before ``apply_peft`` quantizes ``ctx.to_quantize``: the
         last moment the full-precision weights of those layers can be read or changed (LoftQ, PiSSA)."""
