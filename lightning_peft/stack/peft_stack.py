@@ -15,7 +15,14 @@ from lightning_peft.core.layer import AdaptedLinear
 from lightning_peft.core.state import StackHandle, get_state
 from lightning_peft.core.targets import resolve_unfreeze
 from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
-from lightning_peft.methods.base import Applied, ApplyContext, Level, Strategy, strategy_from_config
+from lightning_peft.methods.base import (
+    Applied,
+    ApplyContext,
+    Level,
+    Strategy,
+    check_layer_plans,
+    strategy_from_config,
+)
 from lightning_peft.quantization.config import Quantization
 from lightning_peft.quantization.convert import (
     detect_quantization,
@@ -301,6 +308,7 @@ def apply_peft(
     ctx = ApplyContext(set_name=name, state=state, skip_modules=set(unfreeze_names))
     to_quantize = plan_quantization(model, quantize, unfreeze_names) if quantize is not None else []
     plans = [s.plan(model, ctx) for s in strategies]  # validation only: nothing is modified yet
+    check_layer_plans(strategies, plans)
     if to_quantize:  # quantize first, inject after: adapters are never quantized
         plans = _selective_plans_check(strategies, plans, set(to_quantize))
         quantize_model(model, quantize, unfreeze_names)  # type: ignore[arg-type]
