@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +12,10 @@ from torch import Tensor, nn
 
 from lightning_peft.core.layer import AdaptedLinear, Delta
 from lightning_peft.core.targets import ALL_LINEAR, check_patterns
+from lightning_peft.errors import PeftConfigError
 from lightning_peft.methods.base import (
     Applied,
+    ApplyContext,
     LayerStrategy,
     check_positive,
     check_probability,
@@ -60,6 +63,11 @@ class LoRADelta(Delta):
         return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout}"
 
 
+#: LoRA's variants that replace the delta, by the config flag that selects them (``"use_dora"``: DoRA). Each
+#: registers itself from its own module of this package (imported by the package), built on this one.
+VARIANTS: dict[str, Any] = {}
+
+
 @register_strategy
 @dataclass
 class LoRA(LayerStrategy):
@@ -79,10 +87,14 @@ class LoRA(LayerStrategy):
         shared_dropout: opt-in memory saver: layers that read one input tensor (q/k/v) share one dropout
             mask and one masked copy of it instead of one each. Their draws are then correlated; measured on
             SST-2 in ``BENCHMARKS.md``. Not exported (``peft`` has no such option; it changes only training).
+        use_dora: DoRA (Liu et al. 2024): a learned magnitude per output feature times the normalized
+            ``W + (alpha / r) B A`` (:mod:`lightning_peft.methods.lora.dora`), as ``peft``'s ``use_dora=True``.
+            On ``nn.Linear``, GPT-2 ``Conv1D`` and bitsandbytes 4-bit / 8-bit layers; not on a layer that IA3
+            also scales, and not with ``shared_dropout``.
 
     Example:
         >>> LoRA(r=8, alpha=16, target_modules=["query", "value"])
-        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True, shared_dropout=False)
+        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True, shared_dropout=False, use_dora=False)
     """
 
     name = "lora"
@@ -96,6 +108,7 @@ class LoRA(LayerStrategy):
     use_rslora: bool = False
     init_weights: bool = True
     shared_dropout: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         check_positive(self.r, "r")
@@ -105,11 +118,31 @@ class LoRA(LayerStrategy):
         check_patterns(self.exclude_modules, "exclude_modules")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if not isinstance(self.use_dora, bool):
+            raise PeftConfigError(f"use_dora={self.use_dora!r} is not valid; expected True or False")
+        if self.use_dora and self.shared_dropout:
+            raise PeftConfigError(
+                f"use_dora=True with shared_dropout={self.shared_dropout!r} is not supported: DoRA recomputes the "
+                "base layer on its own dropped-out input; use one or the other"
+            )
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    def delta_kind(self) -> str:
+        return "decomposed" if self.use_dora else "additive"
+
+    def plan(self, model: nn.Module, ctx: ApplyContext) -> list[str]:
+        names = super().plan(model, ctx)
+        if self.use_dora:
+            VARIANTS["use_dora"].check_targets(model, names)
+        return names
+
     def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> LoRADelta:
-        return LoRADelta(layer.in_features, layer.out_features, self.r, self.scaling, self.dropout,
-                         self.init_weights, self.shared_dropout)
+        cls = VARIANTS["use_dora"] if self.use_dora else LoRADelta
+        delta = cls(layer.in_features, layer.out_features, self.r, self.scaling, self.dropout,
+                    self.init_weights, self.shared_dropout)
+        if self.use_dora:  # last: the magnitude is the norm of the final base weight plus the initial B A
+            delta.init_magnitude(layer.base_layer)
+        return delta
