@@ -44,7 +44,7 @@ def check_dora_targets(model: nn.Module, names: list[str]) -> None:
             weight = getattr(base, "weight", None)
             what = type(base).__name__ + (f" with a {weight.dtype} weight" if isinstance(base, nn.Linear) else "")
             raise PeftConfigError(
-                f"LoRA(use_dora=True) cannot adapt {name!r}, a {what}: DoRA supports nn.Linear (float weights), "
+                f"LoRA(use_dora=True) cannot adapt {name!r} ({what}): DoRA supports nn.Linear (float weights), "
                 f"GPT-2 Conv1D and bitsandbytes Linear4bit / Linear8bitLt layers; leave it out with "
                 f"exclude_modules=[{name!r}] or use use_dora=False"
             )
