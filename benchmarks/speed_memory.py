@@ -11,6 +11,7 @@ memory a training step holds at its peak (after the forward pass), and it is exa
     python benchmarks/speed_memory.py                       # MiniLM seq-cls and a 134M Llama causal LM, fp32 + nf4
     python benchmarks/speed_memory.py --models minilm --quant none --methods lora
     python benchmarks/speed_memory.py --smoke               # tiny models, one repeat (CI)
+    python benchmarks/speed_memory.py --methods dora        # DoRA, ours against peft's use_dora=True
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from collections.abc import Callable
 
 import torch
 
-METHODS = ("full", "lora", "peft-lora", "adalora", "peft-adalora", "prompt", "peft-prompt")
+METHODS = ("full", "lora", "peft-lora", "adalora", "peft-adalora", "prompt", "peft-prompt", "dora", "peft-dora")
+#: what runs without --methods (DoRA is opt-in: --methods dora)
+DEFAULT_METHODS = ("full", "lora", "peft-lora", "adalora", "peft-adalora", "prompt", "peft-prompt")
 
 
 def build_model(name: str, smoke: bool):
@@ -82,8 +85,9 @@ def make_model(method: str, base, model_name: str, task: str, quant: str, steps:
         if q is not None:
             quantize_model(model, q, skip=head)
         kind = method[5:]
-        if kind == "lora":
-            cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=tg, task_type=task)
+        if kind in ("lora", "dora"):
+            cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=tg, task_type=task,
+                                  use_dora=kind == "dora")
         elif kind == "adalora":
             cfg = peft.AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, lora_dropout=0.05, target_modules=tg,
                                      task_type=task, total_step=10**6, tinit=1, tfinal=1, deltaT=1)
@@ -92,8 +96,8 @@ def make_model(method: str, base, model_name: str, task: str, quant: str, steps:
         model = peft.get_peft_model(model, cfg)
         hook = (lambda step: model.base_model.update_and_allocate(step)) if kind == "adalora" else None
         return model, hook, None
-    if method == "lora":
-        strategies = [LoRA(r=8, alpha=16, dropout=0.05, target_modules=tg)]
+    if method in ("lora", "dora"):
+        strategies = [LoRA(r=8, alpha=16, dropout=0.05, target_modules=tg, use_dora=method == "dora")]
     elif method == "adalora":
         strategies = [AdaLoRA(init_r=12, target_r=8, alpha=16, dropout=0.05, target_modules=tg)]
     else:
@@ -249,7 +253,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=["minilm", "llama"])
     ap.add_argument("--quant", nargs="*", default=["none", "nf4"])
-    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the Markdown table here too")

@@ -4,7 +4,8 @@ The rule, written once for every layer-level strategy::
 
     y = base(x * s_in) * s_out + sum_i delta_i(dropout_i(x))
 
-``s_in`` / ``s_out`` come from scaling deltas (IA3), the sum from additive deltas (LoRA, AdaLoRA). The base
+``s_in`` / ``s_out`` come from scaling deltas (IA3), the sum from additive deltas (LoRA, AdaLoRA). A delta
+that reads the base layer (DoRA, ``Delta.needs_base``) also gets the base output, to rescale it. The base
 layer can be ``nn.Linear``, GPT-2's ``Conv1D`` or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; it is
 held once, frozen, and never wrapped twice.
 """
@@ -26,15 +27,26 @@ class Delta(nn.Module):
     ``kind`` is ``"additive"`` (``forward(x)`` returns a term added to the output, ``delta_weight()`` the
     equivalent (out, in) matrix) or ``"scale"`` (``input_scale()`` / ``output_scale()`` return vectors that
     multiply the base layer's input or output).
+
+    An additive delta with ``needs_base = True`` (DoRA) depends on the base layer itself, not only on the
+    input: the layer calls :meth:`add_to_base` instead of :meth:`add_to`, and merges through
+    :meth:`delta_weight_on` / :meth:`base_weight_from`. A layer holds at most one such delta per adapter set,
+    and none next to a scaling delta (the strategies refuse that combination when planning).
     """
 
     kind: ClassVar[str] = "additive"
+    needs_base: ClassVar[bool] = False
     dropout: float = 0.0
 
     def add_to(self, y: Tensor, x: Tensor) -> Tensor:
         """``y`` plus this delta's contribution for the layer input ``x`` (deltas apply their own dropout,
         e.g. through :func:`project`); low-rank deltas override this to fuse the add into a matmul."""
         return y + self(x).to(y.dtype)
+
+    def add_to_base(self, y: Tensor, x: Tensor, base: nn.Module, base_out: Tensor) -> Tensor:
+        """``y`` plus this delta's contribution, for a delta that ``needs_base``: ``base`` is the base layer and
+        ``base_out`` its output for ``x`` (bias included)."""
+        raise NotImplementedError
 
     def fused_forward(self, base: nn.Module, x: Tensor) -> Tensor | None:
         """``base(x)`` plus this delta as one fused computation when this delta is alone on its layer, or
@@ -43,6 +55,16 @@ class Delta(nn.Module):
 
     def delta_weight(self) -> Tensor:
         raise NotImplementedError
+
+    def delta_weight_on(self, weight: Tensor) -> Tensor:
+        """What merging adds to the layer's float32 (out, in) base ``weight``: ``delta_weight()``, unless the
+        delta ``needs_base`` (then a function of ``weight``)."""
+        return self.delta_weight().detach().float()
+
+    def base_weight_from(self, merged: Tensor) -> Tensor:
+        """The inverse of :meth:`delta_weight_on` for ``unmerge``: the base weight ``w`` from
+        ``w + delta_weight_on(w)``."""
+        return merged - self.delta_weight().detach().float()
 
     def input_scale(self) -> Tensor | None:
         return None
@@ -76,6 +98,10 @@ class AdaptedLinear(nn.Module):
             self.adapters[set_name] = nn.ModuleDict().train(self.training)
         if key in self.adapters[set_name]:
             raise ValueError(f"adapter set {set_name!r} already has a {key!r} delta on this layer")
+        if any((delta.needs_base and (d.needs_base or d.kind == "scale")) or (d.needs_base and delta.kind == "scale")
+               for d in self.adapters[set_name].values()):  # a backstop: the strategies refuse this when planning
+            raise ValueError(f"adapter set {set_name!r}: a delta that reads the base weight (DoRA) cannot share "
+                             "this layer with another one or with a scaling delta")
         self.adapters[set_name][key] = delta
 
     def remove_deltas(self, set_name: str, key: str | None = None) -> None:
@@ -128,8 +154,9 @@ class AdaptedLinear(nn.Module):
         y = self.base_layer(x_base, *args, **kwargs)
         if s_out is not None:
             y = y * s_out.to(y.dtype)
+        base_out = y
         for d in additive:
-            y = d.add_to(y, x)
+            y = d.add_to_base(y, x, self.base_layer, base_out) if d.needs_base else d.add_to(y, x)
         return y
 
     # -- loading -------------------------------------------------------------------------------------------
@@ -159,11 +186,12 @@ class AdaptedLinear(nn.Module):
                 s_out = so.detach().float() if s_out is None else s_out * so.detach().float()
         return s_in, s_out
 
-    def _delta_sum(self, set_name: str) -> Tensor | None:
+    def _delta_sum(self, set_name: str, weight: Tensor) -> Tensor | None:
+        """The sum of the set's additive deltas on the (scaled) float32 base ``weight``, or ``None``."""
         total = None
         for d in self.deltas(set_name):
             if d.kind == "additive":
-                w = d.delta_weight().detach().float()
+                w = d.delta_weight_on(weight)
                 total = w if total is None else total + w
         return total
 
@@ -178,7 +206,7 @@ class AdaptedLinear(nn.Module):
             w = w * s_out.view(-1, 1)
             if b is not None:
                 b = b * s_out
-        dw = self._delta_sum(set_name)
+        dw = self._delta_sum(set_name, w)
         if dw is not None:
             w = w + dw
         return w, b
@@ -205,9 +233,10 @@ class AdaptedLinear(nn.Module):
             return
         w = base_weight(self.base_layer).float().clone()
         b = self.bias.detach().float().clone() if self.bias is not None else None
-        dw = self._delta_sum(set_name)
-        if dw is not None:
-            w = w - dw
+        # the deltas independent of the base first; then the one that reads it (DoRA) inverts its own part
+        for d in sorted(self.deltas(set_name), key=lambda d: d.needs_base):
+            if d.kind == "additive":
+                w = d.base_weight_from(w)
         s_in, s_out = self._scales(set_name)
         if s_out is not None:
             w = w / s_out.view(-1, 1)

@@ -12,7 +12,8 @@ One :class:`PeftPart` per PEFT adapter type, each written as ``adapter_config.js
 - ``prompt``: the final prompt embeddings (``prompt_embeddings``); a P-tuning encoder is evaluated once and
   stored as plain prompt tuning, so this part cannot resume training (the native files can).
 
-Modules the stack unfreezes become PEFT ``modules_to_save`` of the first part. Nothing here imports ``peft``.
+Modules the stack unfreezes become PEFT ``modules_to_save`` of the first part. DoRA's magnitudes are added by
+:mod:`lightning_peft.io.peft_dora`. Nothing here imports ``peft``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.backend import is_conv1d
 from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.io.peft_dora import add_magnitudes, fold_refusal
 from lightning_peft.methods.base import Level
 from lightning_peft.stack.peft_stack import PeftStack
 
@@ -354,10 +356,13 @@ def _add_modules_to_save(
 def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank: bool = False) -> PeftExport:
     """Everything of ``stack`` PEFT's format can hold, as parts in nesting order, plus what it cannot."""
     root, prefix = hf_root(stack)
+    refusal = fold_refusal([s for s in stack.strategies if s.name in LOW_RANK])  # DoRA with AdaLoRA
+    lora = None if refusal else _lora_part(stack, root, prefix, native, uniform_rank)
+    add_magnitudes(lora, stack, prefix, native)
     parts = [
         p
         for p in (
-            _lora_part(stack, root, prefix, native, uniform_rank),
+            lora,
             _ia3_part(stack, root, prefix, native),
             prompt_part_of(stack, root, prefix, native),
         )
@@ -365,7 +370,8 @@ def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank:
     ]
     covered = {n for p in parts for n in p.strategies}
     skipped = {
-        s.name: f"PEFT has no format for {type(s).__name__} (kept in the native files only)"
+        s.name: refusal if refusal and s.name in LOW_RANK
+        else f"PEFT has no format for {type(s).__name__} (kept in the native files only)"
         for s in stack.strategies
         if s.name not in covered
     }

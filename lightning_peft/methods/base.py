@@ -148,6 +148,24 @@ def strategy_from_config(config: dict[str, Any] | Strategy) -> Strategy:
     return cls(**kwargs)
 
 
+def check_layer_plans(strategies: list[Strategy], plans: list[Any]) -> None:
+    """Refuse, before the model is touched, a weight-decomposed delta (DoRA) on a layer another strategy of the
+    stack scales (IA3): DoRA rescales the base weight's rows to its learned norms, which the scaling would change."""
+    decomposed: dict[str, Strategy] = {}
+    scaled: dict[str, Strategy] = {}
+    for strategy, plan in zip(strategies, plans):
+        if isinstance(strategy, LayerStrategy) and strategy.delta_kind() in ("decomposed", "scale"):
+            (decomposed if strategy.delta_kind() == "decomposed" else scaled).update(dict.fromkeys(plan, strategy))
+    both = [name for name in decomposed if name in scaled]
+    if both:
+        d, s = decomposed[both[0]], scaled[both[0]]
+        raise PeftConfigError(
+            f"{type(d).__name__} with DoRA and {type(s).__name__} both adapt {preview(both)}: DoRA normalizes the "
+            f"base weight, which {type(s).__name__}'s scaling changes, so they cannot share a layer; leave these "
+            f"layers out of one of them (exclude_modules) or set use_dora=False"
+        )
+
+
 def check_positive(value: Any, argument: str, *, integer: bool = True, allow_zero: bool = False) -> None:
     """Raise :class:`PeftConfigError` naming ``argument`` unless ``value`` is a positive (or, with ``allow_zero``,
     non-negative) integer, or any real number when ``integer=False``; ``bool`` is never accepted."""
@@ -178,6 +196,11 @@ class LayerStrategy(Strategy):
 
     def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> Delta:
         raise NotImplementedError
+
+    def delta_kind(self) -> str:
+        """What :meth:`make_delta` puts on each layer: ``"additive"``, ``"scale"`` (IA3), or ``"decomposed"`` (a
+        delta that reads the base weight: DoRA); see :func:`check_layer_plans`."""
+        return "additive"
 
     def plan(self, model: nn.Module, ctx: ApplyContext) -> list[str]:
         targets, exclude = self.target_spec()

@@ -123,6 +123,9 @@ class IA3(LayerStrategy):
     def new_applied(self, plan: dict[str, bool]) -> Applied:
         return Applied(targets=list(plan), extra={"feedforward": dict(plan)})
 
+    def delta_kind(self) -> str:
+        return "scale"
+
     def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> IA3Delta:
         feedforward = applied.extra["feedforward"][name]
         return IA3Delta(layer.in_features, layer.out_features, feedforward, self.init_weights)

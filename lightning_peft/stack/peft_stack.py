@@ -15,7 +15,14 @@ from lightning_peft.core.layer import AdaptedLinear
 from lightning_peft.core.state import StackHandle, get_state
 from lightning_peft.core.targets import resolve_unfreeze
 from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
-from lightning_peft.methods.base import Applied, ApplyContext, Level, Strategy, strategy_from_config
+from lightning_peft.methods.base import (
+    Applied,
+    ApplyContext,
+    Level,
+    Strategy,
+    check_layer_plans,
+    strategy_from_config,
+)
 from lightning_peft.quantization.config import Quantization
 from lightning_peft.quantization.convert import (
     detect_quantization,
@@ -305,6 +312,7 @@ def apply_peft(
     ctx = ApplyContext(set_name=name, state=state, skip_modules=set(unfreeze_names),
                        quantization=quantize if to_quantize else None, to_quantize=set(to_quantize))
     plans = [s.plan(model, ctx) for s in strategies]  # validation only: nothing is modified yet
+    check_layer_plans(strategies, plans)
     if to_quantize:  # quantize first, inject after: adapters are never quantized
         plans = _selective_plans_check(strategies, plans, set(to_quantize))
         for strategy, plan in zip(strategies, plans):  # e.g. LoftQ reads the weights before they are quantized

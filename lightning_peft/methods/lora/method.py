@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.layer import AdaptedLinear, Delta
 from lightning_peft.core.targets import ALL_LINEAR, check_patterns
+from lightning_peft.errors import PeftConfigError
 from lightning_peft.methods.base import (
     Applied,
     ApplyContext,
@@ -68,6 +69,11 @@ class LoRADelta(Delta):
         return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout}"
 
 
+#: LoRA's variants that replace the delta, by the config flag that selects them (``"use_dora"``: DoRA). Each
+#: registers itself from its own module of this package (imported by the package), built on this one.
+VARIANTS: dict[str, Any] = {}
+
+
 @register_strategy
 @dataclass
 class LoRA(LayerStrategy):
@@ -97,9 +103,14 @@ class LoRA(LayerStrategy):
         loftq_iter: LoftQ's alternating rounds of quantization and SVD (``init_weights="loftq"`` only); the bits
             and format are those of ``apply_peft(..., quantize=...)``.
 
+        use_dora: DoRA (Liu et al. 2024): a learned magnitude per output feature times the normalized
+            ``W + (alpha / r) B A`` (:mod:`lightning_peft.methods.lora.dora`), as ``peft``'s ``use_dora=True``.
+            On ``nn.Linear``, GPT-2 ``Conv1D`` and bitsandbytes 4-bit / 8-bit layers; not on a layer that IA3
+            also scales, and not with ``shared_dropout``.
+
     Example:
         >>> LoRA(r=8, alpha=16, target_modules=["query", "value"])
-        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True, shared_dropout=False, loftq_iter=1)
+        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True, shared_dropout=False, loftq_iter=1, use_dora=False)
     """
 
     name = "lora"
@@ -115,6 +126,7 @@ class LoRA(LayerStrategy):
     init_weights: bool | str = True
     shared_dropout: bool = False
     loftq_iter: int = 1
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         check_positive(self.r, "r")
@@ -125,6 +137,18 @@ class LoRA(LayerStrategy):
         init.check_init(self.init_weights, self.loftq_iter)
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        if not isinstance(self.use_dora, bool):
+            raise PeftConfigError(f"use_dora={self.use_dora!r} is not valid; expected True or False")
+        if self.use_dora and self.shared_dropout:
+            raise PeftConfigError(
+                f"use_dora=True with shared_dropout={self.shared_dropout!r} is not supported: DoRA recomputes the "
+                "base layer on its own dropped-out input; use one or the other"
+            )
+        if self.use_dora and init.reads_base(self.init_weights):
+            raise PeftConfigError(
+                f"use_dora=True with init_weights={self.init_weights!r} is not supported: the export back to the "
+                "original base weights has no form for a magnitude vector; use init_weights=True with DoRA"
+            )
 
     @property
     def scaling(self) -> float:
@@ -135,8 +159,13 @@ class LoRA(LayerStrategy):
         """PiSSA, OLoRA and LoftQ change the base weights (shared by every adapter set of the model)."""
         return init.reads_base(self.init_weights)
 
+    def delta_kind(self) -> str:
+        return "decomposed" if self.use_dora else "additive"
+
     def plan(self, model: nn.Module, ctx: ApplyContext) -> list[str]:
         targets = super().plan(model, ctx)
+        if self.use_dora:
+            VARIANTS["use_dora"].check_targets(model, targets)
         return init.plan_init(self, model, targets, ctx) if self.changes_base else targets
 
     def before_quantization(self, model: nn.Module, plan: list[str], ctx: ApplyContext) -> None:
@@ -150,11 +179,14 @@ class LoRA(LayerStrategy):
         return applied
 
     def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> LoRADelta:
-        delta = LoRADelta(layer.in_features, layer.out_features, self.r, self.scaling, self.dropout,
-                          self.init_weights, self.shared_dropout)
+        cls = VARIANTS["use_dora"] if self.use_dora else LoRADelta
+        delta = cls(layer.in_features, layer.out_features, self.r, self.scaling, self.dropout,
+                    self.init_weights, self.shared_dropout)
         factors = applied.extra.get("init", {}).pop(name, None)
         if factors is not None:
             init.start(delta, layer.base_layer, factors)
+        if self.use_dora:  # last: the magnitude is the norm of the final base weight plus the initial B A
+            delta.init_magnitude(layer.base_layer)
         return delta
 
     def remove(self, model: nn.Module, applied: Applied, ctx: ApplyContext) -> None:
