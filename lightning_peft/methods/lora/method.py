@@ -9,15 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.core.layer import AdaptedLinear, Delta
+from lightning_peft.core.backend import BASE_KINDS, BaseKind
+from lightning_peft.core.layer import AdaptedLayer, Delta
 from lightning_peft.core.targets import ALL_LINEAR, check_patterns
+from lightning_peft.errors import PeftConfigError
 from lightning_peft.methods.base import (
     Applied,
+    ApplyContext,
     LayerStrategy,
     check_positive,
     check_probability,
     register_strategy,
 )
+from lightning_peft.methods.lora.layers import conv_problem, make_layer_delta
 from lightning_peft.ops.dropout import project
 from lightning_peft.ops.lowrank import lowrank_linear
 
@@ -63,7 +67,8 @@ class LoRADelta(Delta):
 @register_strategy
 @dataclass
 class LoRA(LayerStrategy):
-    """Low-rank update ``W + (alpha / r) B A`` on chosen linear layers.
+    """Low-rank update ``W + (alpha / r) B A`` on chosen linear layers, and on embeddings and convs named in
+    ``target_modules`` (see :mod:`lightning_peft.methods.lora.layers`).
 
     Args:
         r: rank of the update.
@@ -72,7 +77,8 @@ class LoRA(LayerStrategy):
             (see :func:`lightning_peft.ops.dropout.project`).
         target_modules: exact names or dotted suffixes (``["query", "value"]``), a regex matching the whole
             qualified name, or ``"all-linear"`` (every linear except the output head; QLoRA, Section 4, found
-            adapting all linears necessary to match full fine-tuning).
+            adapting all linears necessary to match full fine-tuning). Names and regexes also select
+            ``nn.Embedding`` and ``nn.Conv1d/2d/3d`` layers; ``"all-linear"`` never does.
         exclude_modules: names or regex of modules never adapted.
         use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) so larger ranks keep learning.
         init_weights: ``True`` for the paper's init (B = 0); ``False`` draws B at random (for tests).
@@ -110,6 +116,26 @@ class LoRA(LayerStrategy):
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-    def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> LoRADelta:
+    @property
+    def base_kinds(self) -> tuple[BaseKind, ...]:  # type: ignore[override]
+        # the embedding and conv deltas are plain LoRA: a variant (a subclass, a non-default init) adapts linears
+        # only unless it says otherwise
+        return BASE_KINDS if type(self) is LoRA and isinstance(self.init_weights, bool) else ("linear",)
+
+    def plan(self, model: nn.Module, ctx: ApplyContext) -> list[str]:
+        names = super().plan(model, ctx)
+        for name in names:
+            module = model.get_submodule(name)
+            base = module.base_layer if isinstance(module, AdaptedLayer) else module
+            problem = conv_problem(base, self.r)
+            if problem is not None:
+                raise PeftConfigError(f"LoRA(r={self.r}) cannot adapt {name!r} ({type(base).__name__}): {problem}; "
+                                      "leave it out with exclude_modules")
+        return names
+
+    def make_delta(self, layer: AdaptedLayer, name: str, applied: Applied) -> Delta:
+        if layer.kind != "linear":
+            return make_layer_delta(layer.kind, layer.base_layer, self.r, self.scaling, self.dropout,
+                                    self.init_weights)
         return LoRADelta(layer.in_features, layer.out_features, self.r, self.scaling, self.dropout,
                          self.init_weights, self.shared_dropout)
