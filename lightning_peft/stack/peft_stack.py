@@ -151,6 +151,10 @@ class PeftStack(StackHandle):
         errors: dict[str, float] = {}
         names = {id(m): n for n, m in self.model.named_modules()}
         dtype = float_dtype(self.model)
+        for layer in self.adapted_layers():  # refuse before anything is merged
+            reason = layer.merge_refusal(self.name)
+            if reason is not None:
+                raise PeftConfigError(f"cannot merge adapter set {self.name!r}: {names[id(layer)]!r}: {reason}")
         for layer in self.adapted_layers():
             if is_quantized(layer.base_layer):
                 errors[names[id(layer)]] = merge_quantized_layer(layer, self.name, requantize, dtype)
