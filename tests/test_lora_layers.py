@@ -53,6 +53,12 @@ class Scaled(nn.Embedding):
         return super().forward(x) * self.embed_scale
 
 
+class Conv3d(nn.Sequential):
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(nn.Conv3d(2, 4, kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), nn.Flatten())
+
+
 class Plain(nn.Module):
     """Embeddings (one with padding_idx, one scaled) and Conv1d layers (strided, grouped) in a plain module."""
 
@@ -121,11 +127,12 @@ CASES = {
     "vit-patch-conv2d": (tiny_vit, ["projection", "q_proj", "v_proj"], lambda: {"pixel_values": pixels()}),
     "convnext-depthwise": (tiny_convnext, ["patch_embeddings", "stages.0.layers.0.dwconv", "downsampling_layer.1"],
                            lambda: {"pixel_values": pixels(size=32)}),
+    "conv3d": (Conv3d, ["0"], lambda: {"input": torch.randn(2, 2, 3, 6, 6, generator=torch.Generator().manual_seed(0))}),
 }
 
 
 def _out(model, batch):
-    out = model(**batch)
+    out = model(*batch.values()) if "input" in batch else model(**batch)
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
@@ -347,3 +354,50 @@ def test_lora_variants_stay_on_linears():
         pass
 
     _untouched(tiny_llama(), [MyLoRA(target_modules=["embed_tokens"])], "MyLoRA cannot adapt")
+
+
+# -- training: resume ------------------------------------------------------------------------------------------------
+def test_resume_with_embedding_and_conv_lora_equals_uninterrupted(tmp_path):
+    import lightning as L
+    from helpers import loader, trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import TensorDataset
+
+    from lightning_peft.callbacks import PEFT
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = Plain()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 20, (16, 7), generator=g), torch.randint(0, 3, (16,), generator=g))
+
+    def run(epochs, ckpt_path=None, save_dir=None):
+        module = Module()
+        callbacks = [PEFT([LoRA(r=2, target_modules=["emb", "scaled", "conv", "grouped"])], unfreeze=["head"],
+                          model_attr="model")]
+        if save_dir is not None:
+            callbacks.append(ModelCheckpoint(dirpath=save_dir, save_last=True))
+        t = trainer(tmp_path, max_steps=-1, max_epochs=epochs, callbacks=callbacks,
+                    enable_checkpointing=save_dir is not None)
+        t.fit(module, loader(data), ckpt_path=ckpt_path)
+        return module, t
+
+    straight, _ = run(2)
+    _, first = run(1, save_dir=tmp_path / "ck")
+    resumed, t = run(2, ckpt_path=first.checkpoint_callback.last_model_path)
+    assert t.global_step == 4
+    want = {n: p for n, p in straight.named_parameters() if p.requires_grad}
+    assert any(".emb.adapters.default.lora.lora_A" in n for n in want)
+    got = dict(resumed.named_parameters())
+    worst = max((want[n] - got[n]).abs().max().item() for n in want)
+    print(f"resume vs uninterrupted (embedding + conv LoRA): max |diff| = {worst:.2e}")
+    assert worst <= 1e-6
