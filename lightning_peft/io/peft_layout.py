@@ -7,7 +7,8 @@ One :class:`PeftPart` per PEFT adapter type, each written as ``adapter_config.js
   module, its update ``P diag(lambda) Q * alpha / init_r`` is exactly ``B' A'`` with ``A' = (lambda * Q)[kept]``
   and ``B' = P[:, kept] * alpha / init_r``; where both adapt one module the ranks are concatenated. Per-module
   ranks go to ``rank_pattern`` / ``alpha_pattern``; ``uniform_rank=True`` zero-pads every module to one rank
-  with one scale instead (serving engines read a single ``r`` / ``lora_alpha``).
+  with one scale instead (serving engines read a single ``r`` / ``lora_alpha``). LoRA on embeddings and convs
+  keeps PEFT's key names and shapes (:mod:`~lightning_peft.io.lora_layout`).
 - ``ia3``: IA3 scaling vectors (``ia3_l``).
 - ``prompt``: the final prompt embeddings (``prompt_embeddings``); a P-tuning encoder is evaluated once and
   stored as plain prompt tuning, so this part cannot resume training (the native files can).

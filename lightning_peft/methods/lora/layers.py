@@ -9,7 +9,9 @@
   and padding (undilated, ungrouped, as ``peft``'s), ``B`` a 1x1 conv r -> out with the base's ``groups``;
   ``y = base(x) + B(A(dropout(x))) * scaling``. The merged delta is ``B A`` contracted over the rank, in the
   base's (out, in, *kernel) shape. A grouped base (``groups > 1``, e.g. a depthwise conv) needs ``r`` divisible
-  by ``groups`` and cannot be merged (its ``A`` reads every input channel), as in ``peft``.
+  by ``groups`` and cannot be merged (its ``A`` reads every input channel), as in ``peft``. Dropout is drawn per
+  layer (``shared_dropout`` applies to linears only). A dilated conv, or one padding other than with zeros, is
+  refused in ``LoRA.plan`` (:func:`conv_problem`): ``peft``'s branch ignores both, so it has no merged equivalent.
 
 The parameters keep LoRA's names (``lora_A`` / ``lora_B``); the PEFT export writes an embedding's as
 ``lora_embedding_A`` / ``lora_embedding_B`` and a conv's as ``lora_A.weight`` / ``lora_B.weight``.
