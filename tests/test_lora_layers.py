@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import save_and_reload, tiny_llama, token_batch
+from helpers import save_and_reload, tiny_gpt2, tiny_llama, token_batch
 from test_export import agree, logits, peft_load, randomize
 from torch import nn
 
@@ -190,6 +190,22 @@ def test_grouped_conv_refuses_to_merge_and_leaves_the_model_unmerged(tmp_path):
     with pytest.raises(PeftConfigError, match=r"merge_and_export: 'convnext.encoder.stages.0.layers.0.dwconv'"):
         merge_and_export(vit, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_tied_embedding_refuses_to_merge_but_exports(tmp_path):
+    """GPT-2's word embedding is its LM head: folding LoRA into it would change the head too (peft's merge does)."""
+    model, base_path = save_and_reload(tiny_gpt2(), tmp_path)
+    stack = apply_peft(model, [LoRA(r=2, target_modules=["wte"], init_weights=False)])
+    x = token_batch()
+    ours = logits(model, x)
+    with pytest.raises(PeftConfigError, match=r"'transformer.wte': its weight is tied to 'lm_head.weight'"):
+        stack.merge()
+    with pytest.raises(PeftConfigError, match=r"merge_and_export: 'transformer.wte': its weight is tied"):
+        merge_and_export(model, tmp_path / "merged")
+    assert not stack.merged and torch.equal(logits(model, x), ours)
+    folder = save_adapters(model, tmp_path / "a")
+    theirs = peft_load(type(model).from_pretrained(base_path).eval(), folder)
+    agree((logits(theirs, x) - ours).abs().max().item(), TOL)
 
 
 # -- export --------------------------------------------------------------------------------------------------------

@@ -241,6 +241,31 @@ class AdaptedLayer(nn.Module):
 AdaptedLinear = AdaptedLayer
 
 
+def merge_refusals(model: nn.Module, set_name: str) -> dict[str, str]:
+    """Adapted layer name -> why the deltas of ``set_name`` on it cannot be folded into its weight.
+
+    A delta can refuse (:meth:`Delta.merge_refusal`, e.g. LoRA on a grouped conv), and so does a layer whose
+    base weight is tied to another module's (a word embedding and the LM head of GPT-2, T5, ...): folding a delta
+    into it would change that module too, so the merged model would not compute what the adapted one does.
+    """
+    holders: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(pname)
+    refusals: dict[str, str] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, AdaptedLayer) or set_name not in layer.adapters or set_name in layer.merged:
+            continue
+        reason = layer.merge_refusal(set_name)
+        own = f"{name}.base_layer.weight" if name else "base_layer.weight"
+        tied = [n for n in holders.get(id(layer.base_layer.weight), []) if n != own]
+        if reason is None and tied:
+            reason = (f"its weight is tied to {tied[0]!r}: folding the adapters into it would change that module "
+                      "too; export the adapters instead (save_adapters), or untie the weights before adapting")
+        if reason is not None:
+            refusals[name] = reason
+    return refusals
+
+
 def adapt_layer(model: nn.Module, name: str, state: AdapterState) -> AdaptedLayer:
     """Replace the layer at ``name`` by an :class:`AdaptedLayer` (or return the one already there)."""
     module = model.get_submodule(name)

@@ -27,7 +27,7 @@ from lightning_peft.core.backend import (
     is_quantized,
     stored_weight,
 )
-from lightning_peft.core.layer import AdaptedLayer
+from lightning_peft.core.layer import AdaptedLayer, merge_refusals
 from lightning_peft.core.state import get_stack
 from lightning_peft.errors import PeftConfigError
 from lightning_peft.io.atomic import atomic_directory, write_json, write_tensors
@@ -70,6 +70,8 @@ def _merged_layers(root: nn.Module, set_name: str, dtype: torch.dtype) -> dict[s
     (:func:`~lightning_peft.quantization.keep_in_fp32_names`), which are written in fp32, as
     ``save_pretrained`` of the model itself writes them.
     """
+    for name, reason in merge_refusals(root, set_name).items():
+        raise PeftConfigError(f"merge_and_export: {name!r}: {reason}")
     fp32 = keep_in_fp32_names(root, dtype)
     out: dict[str, nn.Module] = {}
     inside: list[str] = []
@@ -79,9 +81,6 @@ def _merged_layers(root: nn.Module, set_name: str, dtype: torch.dtype) -> dict[s
         layer_dtype = torch.float32 if name in fp32 else dtype
         if isinstance(module, AdaptedLayer):
             inside.append(name + ".")
-            reason = module.merge_refusal(set_name) if set_name not in module.merged else None
-            if reason is not None:
-                raise PeftConfigError(f"merge_and_export: {name!r}: {reason}")
             if set_name in module.adapters and set_name not in module.merged:
                 weight, bias = module.merged_weight(set_name)
             else:  # nothing of this set here, or already merged in place
