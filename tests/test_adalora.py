@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_bert, token_batch
 
-from lightning_peft import AdapterStateError, PeftConfigError, apply_peft
+from lightning_peft import AdaptedLinear, AdapterStateError, PeftConfigError, apply_peft
 from lightning_peft.methods.adalora import (
     AdaLoRA,
     AdaLoRADelta,
@@ -78,7 +78,7 @@ def test_init_as_peft_and_starts_at_the_base_model():
     assert sorted(deltas) == sorted(
         n
         for n, _ in base.named_modules()
-        if n.endswith(tuple(TARGETS)) and "AdaptedLinear" in type(base.get_submodule(n)).__name__
+        if n.endswith(tuple(TARGETS)) and isinstance(base.get_submodule(n), AdaptedLinear)
     )
     assert len(deltas) == 6
     a = torch.cat([d.adalora_A.flatten() for d in deltas.values()])

@@ -56,3 +56,27 @@ def test_export_and_serve_example_runs(tmp_path, monkeypatch):
     results = _example("export_and_serve")["main"](steps=30, out=str(tmp_path / "run"))
     assert results["peft"] == results["trained"] == results["merged"]
     assert results["merged"] == ["positive", "negative", "positive", "negative"]
+
+
+@pytest.mark.slow
+def test_vision_lora_example_runs(tmp_path, monkeypatch, capsys):
+    """ViT built from a config, LoRA on attention linears and the patch conv, synthetic stripes: well above chance
+    (0.25), and the adapters it writes load in peft with the same logits."""
+    peft = pytest.importorskip("peft")
+    import torch
+
+    from lightning_peft import get_stack
+
+    monkeypatch.chdir(tmp_path)
+    result = runpy.run_path(str(ROOT / "examples" / "vision_lora.py"), run_name="example")["main"](
+        quick=True, out=str(tmp_path / "run"))
+    assert result["accuracy"] > 0.6
+    assert "final validation accuracy" in capsys.readouterr().out
+    model = result["module"].model.eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(pixel_values=x).logits
+    get_stack(model).remove()  # the base model again (its trained classifier is in the PEFT folder too)
+    theirs = peft.PeftModel.from_pretrained(model, result["adapters"]).eval()
+    with torch.no_grad():
+        assert (theirs(pixel_values=x).logits - ours).abs().max().item() <= 1e-5

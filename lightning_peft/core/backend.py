@@ -1,14 +1,21 @@
 """The kinds of base layer an adapter can sit on, told apart in one place.
 
-A base linear is an ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored transposed, (in, out)) or a bitsandbytes
-``Linear4bit`` / ``Linear8bitLt`` (an ``nn.Linear`` subclass whose weight is a ``Params4bit`` / ``Int8Params``).
+Three kinds (:func:`base_kind`):
+
+- ``"linear"``: an ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored transposed, (in, out)) or a bitsandbytes
+  ``Linear4bit`` / ``Linear8bitLt`` (an ``nn.Linear`` subclass whose weight is a ``Params4bit`` / ``Int8Params``);
+- ``"embedding"``: an ``nn.Embedding`` (a linear map of one-hot inputs: (in, out) = (num_embeddings,
+  embedding_dim), weight stored transposed, (in, out));
+- ``"conv"``: a torch ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` ((in, out) = channels, weight
+  (out, in / groups, *kernel)); not GPT-2's ``Conv1D``, which is a linear.
+
 Every check of which kind a layer or a weight is goes through the functions here, never through type names
 spelled out elsewhere.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +28,11 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
 #: bitsandbytes' quantized parameter classes, by the kind of quantization they hold
 _QUANTIZED_PARAMS = {"Params4bit": "4bit", "Int8Params": "8bit"}
 _BNB_LAYERS = ("Linear4bit", "Linear8bitLt")
+_TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+BaseKind = Literal["linear", "embedding", "conv"]
+#: every kind of base layer an adapted layer can hold
+BASE_KINDS: tuple[BaseKind, ...] = get_args(BaseKind)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -48,6 +60,27 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def is_embedding(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` (or a subclass, e.g. a scaled word embedding)."""
+    return isinstance(module, nn.Embedding)
+
+
+def is_conv(module: nn.Module) -> bool:
+    """A torch ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (not a transposed conv, not GPT-2's ``Conv1D``)."""
+    return isinstance(module, _TORCH_CONVS)
+
+
+def base_kind(module: nn.Module) -> BaseKind | None:
+    """``"linear"``, ``"embedding"`` or ``"conv"`` for a layer an adapter can sit on, else ``None``."""
+    if is_linear(module):
+        return "linear"
+    if is_embedding(module):
+        return "embedding"
+    if is_conv(module):
+        return "conv"
+    return None
+
+
 def quantized_kind(weight: object) -> Literal["4bit", "8bit"] | None:
     """``"4bit"`` for a bitsandbytes ``Params4bit``, ``"8bit"`` for an ``Int8Params``, else ``None``.
 
@@ -67,16 +100,22 @@ def is_bnb_layer(module: nn.Module) -> bool:
 
 
 def base_shape(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a base linear."""
+    """(in_features, out_features) of a base layer: channels for a conv, (num_embeddings, embedding_dim) for an
+    embedding."""
     if is_conv1d(base):
         return base.nx, base.nf
+    if is_embedding(base):
+        return base.num_embeddings, base.embedding_dim
+    if is_conv(base):
+        return base.in_channels, base.out_channels
     return base.in_features, base.out_features
 
 
 def base_weight(base: nn.Module) -> Tensor:
-    """The base weight as a float (out, in) matrix, dequantizing bitsandbytes layers."""
+    """The base weight as a float (out, in) matrix, dequantizing bitsandbytes layers; a conv's as it is stored,
+    (out, in / groups, *kernel)."""
     weight = base.weight
-    if is_conv1d(base):
+    if is_conv1d(base) or is_embedding(base):
         return weight.detach().t()
     if quantized_kind(weight) is not None:
         return dequantize(weight, getattr(getattr(base, "state", None), "SCB", None))
@@ -136,10 +175,19 @@ def set_base_weight(base: nn.Module, weight: Tensor) -> None:
                 state.CB = state.SCB = None
 
 
+def stored_weight(base: nn.Module, weight: Tensor) -> Tensor:
+    """``weight`` in the layout ``base`` stores it: the inverse of :func:`base_weight` for a full-precision base
+    (GPT-2 ``Conv1D`` and embeddings store the (out, in) matrix transposed)."""
+    return weight.t() if is_conv1d(base) or is_embedding(base) else weight
+
+
 def float_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a merged full-precision layer takes: the input embeddings' (else the first float parameter's)."""
     get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):  # vision models: transformers raises when there are none
+        emb = None
     weight = getattr(emb, "weight", None)
     if isinstance(weight, Tensor) and weight.is_floating_point():
         return weight.dtype

@@ -1,4 +1,4 @@
-"""One adapted layer over any base linear, holding any number of deltas from any number of strategies.
+"""One adapted layer over any supported base layer, holding any number of deltas from any number of strategies.
 
 The rule, written once for every layer-level strategy::
 
@@ -6,8 +6,10 @@ The rule, written once for every layer-level strategy::
 
 ``s_in`` / ``s_out`` come from scaling deltas (IA3), the sum from additive deltas (LoRA, AdaLoRA). A delta
 that reads the base layer (DoRA, ``Delta.needs_base``) also gets the base output, to rescale it. The base
-layer can be ``nn.Linear``, GPT-2's ``Conv1D`` or a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; it is
-held once, frozen, and never wrapped twice.
+layer is any kind :mod:`~lightning_peft.core.backend` knows: a linear (``nn.Linear``, GPT-2's ``Conv1D`` or a
+bitsandbytes ``Linear4bit`` / ``Linear8bitLt``), an ``nn.Embedding`` or a torch conv (``nn.Conv1d`` /
+``nn.Conv2d`` / ``nn.Conv3d``); it is held once, frozen, and never wrapped twice. Which deltas a kind accepts
+is the strategies' business (``LayerStrategy.base_kinds``): scaling deltas only sit on linears.
 """
 
 from __future__ import annotations
@@ -17,15 +19,24 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.core.backend import base_shape, base_weight, get_submodule_parent, is_conv1d, is_quantized
+from lightning_peft.core.backend import (
+    base_kind,
+    base_shape,
+    base_weight,
+    get_submodule_parent,
+    is_quantized,
+    stored_weight,
+)
 from lightning_peft.core.state import BASE_LAYER, DELTAS, AdapterState
+from lightning_peft.errors import PeftConfigError
 
 
 class Delta(nn.Module):
-    """One strategy's contribution to one :class:`AdaptedLinear` for one adapter set.
+    """One strategy's contribution to one :class:`AdaptedLayer` for one adapter set.
 
     ``kind`` is ``"additive"`` (``forward(x)`` returns a term added to the output, ``delta_weight()`` the
-    equivalent (out, in) matrix) or ``"scale"`` (``input_scale()`` / ``output_scale()`` return vectors that
+    equivalent weight: an (out, in) matrix for linears and embeddings, the conv's own (out, in / groups, *kernel)
+    shape for convs) or ``"scale"`` (``input_scale()`` / ``output_scale()`` return vectors that
     multiply the base layer's input or output).
 
     An additive delta with ``needs_base = True`` (DoRA) depends on the base layer itself, not only on the
@@ -66,6 +77,10 @@ class Delta(nn.Module):
         ``w + delta_weight_on(w)``."""
         return merged - self.delta_weight().detach().float()
 
+    def merge_refusal(self) -> str | None:
+        """Why this delta cannot be folded into its base weight (e.g. a grouped conv), or ``None``."""
+        return None
+
     def input_scale(self) -> Tensor | None:
         return None
 
@@ -77,16 +92,21 @@ class Delta(nn.Module):
         delta that changed its base layer (PiSSA's residual) can make the base agree with the loaded state."""
 
 
-class AdaptedLinear(nn.Module):
-    """A frozen base linear plus named deltas grouped by adapter set (``adapters[set][strategy]``).
+class AdaptedLayer(nn.Module):
+    """A frozen base layer plus named deltas grouped by adapter set (``adapters[set][strategy]``).
+
+    ``kind`` is the base's kind (``"linear"``, ``"embedding"`` or ``"conv"``, see
+    :func:`~lightning_peft.core.backend.base_kind`); ``in_features`` / ``out_features`` its
+    :func:`~lightning_peft.core.backend.base_shape`. ``AdaptedLinear`` is the same class (its former name).
 
     Example:
-        >>> layer = AdaptedLinear(nn.Linear(4, 3), AdapterState())
+        >>> layer = AdaptedLayer(nn.Linear(4, 3), AdapterState())
     """
 
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.kind = base_kind(base_layer)
         self.in_features, self.out_features = base_shape(base_layer)
         self.adapters = nn.ModuleDict()
         self._state = state
@@ -195,8 +215,16 @@ class AdaptedLinear(nn.Module):
                 total = w if total is None else total + w
         return total
 
+    def merge_refusal(self, set_name: str) -> str | None:
+        """Why the deltas of ``set_name`` cannot be folded into this layer's weight, or ``None``."""
+        return next((r for d in self.deltas(set_name) if (r := d.merge_refusal()) is not None), None)
+
     def merged_weight(self, set_name: str) -> tuple[Tensor, Tensor | None]:
-        """The (out, in) float32 weight and bias that reproduce base + deltas of ``set_name`` in one linear."""
+        """The float32 weight (as :func:`~lightning_peft.core.backend.base_weight` gives it: (out, in), or a
+        conv's shape) and bias that reproduce base + deltas of ``set_name`` in one layer of the base's kind."""
+        reason = self.merge_refusal(set_name)
+        if reason is not None:
+            raise PeftConfigError(f"adapter set {set_name!r} cannot be merged: {reason}")
         w = base_weight(self.base_layer).float().clone()
         b = self.bias.detach().float().clone() if self.bias is not None else None
         s_in, s_out = self._scales(set_name)
@@ -223,7 +251,7 @@ class AdaptedLinear(nn.Module):
         w, b = self.merged_weight(set_name)
         with torch.no_grad():
             target = self.base_layer.weight
-            target.copy_((w.t() if is_conv1d(self.base_layer) else w).to(target.dtype))
+            target.copy_(stored_weight(self.base_layer, w).to(target.dtype))
             if b is not None:
                 self.base_layer.bias.copy_(b.to(self.base_layer.bias.dtype))
         self.merged.add(set_name)
@@ -246,31 +274,68 @@ class AdaptedLinear(nn.Module):
             w = w / s_in.view(1, -1)
         with torch.no_grad():
             target = self.base_layer.weight
-            target.copy_((w.t() if is_conv1d(self.base_layer) else w).to(target.dtype))
+            target.copy_(stored_weight(self.base_layer, w).to(target.dtype))
             if b is not None:
                 self.base_layer.bias.copy_(b.to(self.base_layer.bias.dtype))
         self.merged.discard(set_name)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, sets={list(self.adapters)}"
+        return (f"kind={self.kind}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"sets={list(self.adapters)}")
 
 
-def adapt_linear(model: nn.Module, name: str, state: AdapterState) -> AdaptedLinear:
-    """Replace the linear at ``name`` by an :class:`AdaptedLinear` (or return the one already there)."""
+#: the former name of :class:`AdaptedLayer` (from when only linears could be adapted), kept for compatibility
+AdaptedLinear = AdaptedLayer
+
+
+def merge_refusals(model: nn.Module, set_name: str) -> dict[str, str]:
+    """Adapted layer name -> why the deltas of ``set_name`` on it cannot be folded into its weight.
+
+    A delta can refuse (:meth:`Delta.merge_refusal`, e.g. LoRA on a grouped conv), and so does a layer whose
+    base weight is tied to another module's (a word embedding and the LM head of GPT-2, T5, ...): folding a delta
+    into it would change that module too, so the merged model would not compute what the adapted one does.
+    """
+    holders: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(pname)
+    refusals: dict[str, str] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, AdaptedLayer) or set_name not in layer.adapters or set_name in layer.merged:
+            continue
+        reason = layer.merge_refusal(set_name)
+        own = f"{name}.base_layer.weight" if name else "base_layer.weight"
+        tied = [n for n in holders.get(id(layer.base_layer.weight), []) if n != own]
+        if reason is None and tied:
+            reason = (f"its weight is tied to {tied[0]!r}: folding the adapters into it would change that module "
+                      "too; export the adapters instead (save_adapters), or untie the weights before adapting")
+        if reason is not None:
+            refusals[name] = reason
+    return refusals
+
+
+def adapt_layer(model: nn.Module, name: str, state: AdapterState) -> AdaptedLayer:
+    """Replace the layer at ``name`` by an :class:`AdaptedLayer` (or return the one already there)."""
     module = model.get_submodule(name)
-    if isinstance(module, AdaptedLinear):
+    if isinstance(module, AdaptedLayer):
         return module
+    if base_kind(module) is None:
+        raise TypeError(f"{name!r} is a {type(module).__name__}, which no adapted layer can hold")
     parent, child = get_submodule_parent(model, name)
-    layer = AdaptedLinear(module, state)
+    layer = AdaptedLayer(module, state)
     layer.train(module.training)  # an adapted eval-mode model stays in eval mode (no adapter dropout)
     setattr(parent, child, layer)
     return layer
 
 
-def restore_linear(model: nn.Module, name: str) -> None:
-    """Put the base layer back when an :class:`AdaptedLinear` holds no delta and no hook (e.g. an Adapter's) any more."""
+def restore_layer(model: nn.Module, name: str) -> None:
+    """Put the base layer back when an :class:`AdaptedLayer` holds no delta and no hook (e.g. an Adapter's) any more."""
     module = model.get_submodule(name)
-    if (isinstance(module, AdaptedLinear) and len(module.adapters) == 0 and not module._forward_hooks
+    if (isinstance(module, AdaptedLayer) and len(module.adapters) == 0 and not module._forward_hooks
             and not module._forward_pre_hooks):
         parent, child = get_submodule_parent(model, name)
         setattr(parent, child, module.base_layer)
+
+
+#: the former names of :func:`adapt_layer` / :func:`restore_layer`, kept for compatibility
+adapt_linear = adapt_layer
+restore_linear = restore_layer

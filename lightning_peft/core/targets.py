@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from torch import nn
 
-from lightning_peft.core.backend import is_linear
-from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.core.backend import BaseKind, base_kind
+from lightning_peft.core.layer import AdaptedLayer
 from lightning_peft.errors import PeftConfigError, preview
 
 ALL_LINEAR = "all-linear"
 HEAD_NAMES = ("score", "classifier")
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every adaptable linear by qualified name; an already adapted layer counts once, under its own name."""
-    found: dict[str, nn.Module] = {}
+def adaptable_modules(model: nn.Module) -> dict[str, BaseKind]:
+    """Every layer an adapted layer can hold (linears, embeddings, convs), by qualified name, with its kind; an
+    already adapted layer counts once, under its own name, with its base's kind."""
+    found: dict[str, BaseKind] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in inside):
             continue
-        if isinstance(module, AdaptedLinear):
-            found[name] = module
+        if isinstance(module, AdaptedLayer):
             inside.append(name + ".")
-        elif is_linear(module):
-            found[name] = module
+            kind = module.kind
+        else:
+            kind = base_kind(module)
+        if kind is not None:
+            found[name] = kind
     return found
+
+
+def _type_name(module: nn.Module) -> str:
+    return type(module.base_layer if isinstance(module, AdaptedLayer) else module).__name__
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -73,9 +80,18 @@ def resolve_targets(
     *,
     argument: str = "target_modules",
     skip: Iterable[str] = (),
+    kinds: Collection[BaseKind] = ("linear",),
+    who: str = "this strategy",
 ) -> list[str]:
-    """Qualified names of the linear layers a strategy adapts; an error lists the linears that exist when none match."""
-    linears = linear_modules(model)
+    """Qualified names of the layers a strategy adapts; an error lists the linears that exist when none match.
+
+    ``"all-linear"`` selects linears only, whatever ``kinds``. Named targets (names, suffixes, a regex) select
+    the matching layers of the kinds the strategy supports (``kinds``, see
+    :func:`~lightning_peft.core.backend.base_kind`); a matched layer of another adaptable kind (e.g. an
+    embedding named for a strategy that adapts linears only) is refused, naming it, unless excluded.
+    """
+    adaptable = adaptable_modules(model)
+    linears = [n for n, kind in adaptable.items() if kind == "linear"]
     skip = set(skip)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         heads = output_head_names(model)
@@ -89,18 +105,28 @@ def resolve_targets(
             target_modules = list(target_modules)
             if not target_modules:
                 raise PeftConfigError(f"{argument}=[] is empty; name at least one module or use '{ALL_LINEAR}'")
-        names = [n for n in linears if name_matches(n, target_modules)]
+        names = [n for n in adaptable if name_matches(n, target_modules)]
         if not names:
             others = [n for n, _ in model.named_modules() if n and name_matches(n, target_modules)]
             hint = f" (it matched non-linear modules: {preview(others, 4)})" if others else ""
+            other_kinds = "/".join(k for k in kinds if k != "linear")
+            also = f" (nor any {other_kinds} layer, which {who} adapts when named)" if other_kinds else ""
             raise PeftConfigError(
                 f"{argument}={target_modules!r} matched no linear layer of {type(model).__name__}{hint}; "
-                f"linear layers include: {preview(linears)}"
+                f"linear layers include: {preview(linears)}{also}"
             )
     if exclude_modules:
         check_patterns(exclude_modules, "exclude_modules")
         names = [n for n in names if not name_matches(n, exclude_modules)]
     names = [n for n in names if n not in skip]
+    refused = [n for n in names if adaptable[n] not in kinds]
+    if refused:
+        found = ", ".join(f"{n!r} ({_type_name(model.get_submodule(n))})" for n in refused[:4])
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        raise PeftConfigError(
+            f"{argument}={target_modules!r} matches {found}{more}, which {who} cannot adapt: it adapts "
+            f"{'/'.join(kinds)} layers only; name only those, or leave these out with exclude_modules"
+        )
     if not names:
         raise PeftConfigError(
             f"{argument}={target_modules!r} with exclude_modules={exclude_modules!r} leaves no layer to adapt "

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lightning_peft.core.backend import base_shape, is_linear
+from lightning_peft.core.backend import base_kind, base_shape
 from lightning_peft.core.layer import AdaptedLinear
 from lightning_peft.core.state import ADAPTER_CONTAINER, DELTAS, PROMPT_HOST, get_stack, get_state
 from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
@@ -247,9 +247,9 @@ def check_base(model: nn.Module, manifest: dict[str, Any]) -> None:
                 f"base model mismatch: adapted module {name!r} does not exist in {type(model).__name__} "
                 f"(saved from {base.get('class')})"
             )
-        if not (is_linear(module) or isinstance(module, AdaptedLinear)):
+        if not (base_kind(module) or isinstance(module, AdaptedLinear)):
             raise AdapterStateError(
-                f"base model mismatch: {name!r} is a {type(module).__name__}, not a linear layer"
+                f"base model mismatch: {name!r} is a {type(module).__name__}, not a linear, embedding or conv layer"
             )
         shape = (
             [module.in_features, module.out_features]

@@ -1,12 +1,14 @@
 """Merged export: fold the adapters into the base weights and save a plain transformers model.
 
 The model handed in is left as it was: adapted (and quantized) layers are swapped for plain merged
-``nn.Linear`` / ``Conv1D`` layers only while ``save_pretrained`` runs, then put back.
+``nn.Linear`` / ``Conv1D`` layers (adapted embeddings and convs for copies of themselves holding the merged
+weight) only while ``save_pretrained`` runs, then put back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import warnings
 from collections.abc import Iterator
@@ -17,13 +19,15 @@ import torch
 from torch import nn
 
 from lightning_peft.core.backend import (
+    base_kind,
     base_weight,
     float_dtype,
     get_submodule_parent,
     is_linear,
     is_quantized,
+    stored_weight,
 )
-from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.core.layer import AdaptedLayer, merge_refusals
 from lightning_peft.core.state import get_stack
 from lightning_peft.errors import PeftConfigError
 from lightning_peft.io.atomic import atomic_directory, write_json, write_tensors
@@ -44,9 +48,18 @@ def _plain_layer(
     """A plain ``nn.Linear`` (or GPT-2 ``Conv1D``) holding a copy of ``weight`` (out, in) and ``bias``.
 
     ``Conv1D`` when ``base`` is one, or is a bitsandbytes layer quantized from one: the checkpoint must hold
-    GPT-2's (in, out) layout whatever the layer in memory is.
+    GPT-2's (in, out) layout whatever the layer in memory is. An embedding or a conv becomes a copy of ``base``
+    (same class and settings; its other tensors shared, not copied) holding ``weight`` in its own layout.
     """
     bias = bias.detach().to(dtype, copy=True) if bias is not None else None
+    if base_kind(base) in ("embedding", "conv"):
+        layer = copy.copy(base)
+        layer._parameters, layer._buffers, layer._modules = (  # own dicts: base keeps its weight
+            dict(base._parameters), dict(base._buffers), dict(base._modules))
+        layer.weight = nn.Parameter(stored_weight(base, weight).to(dtype).contiguous(), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias, requires_grad=False)
+        return layer
     return plain_layer(base, weight.detach().to(dtype, copy=True), bias, dtype)
 
 
@@ -57,6 +70,8 @@ def _merged_layers(root: nn.Module, set_name: str, dtype: torch.dtype) -> dict[s
     (:func:`~lightning_peft.quantization.keep_in_fp32_names`), which are written in fp32, as
     ``save_pretrained`` of the model itself writes them.
     """
+    for name, reason in merge_refusals(root, set_name).items():
+        raise PeftConfigError(f"merge_and_export: {name!r}: {reason}")
     fp32 = keep_in_fp32_names(root, dtype)
     out: dict[str, nn.Module] = {}
     inside: list[str] = []
@@ -64,7 +79,7 @@ def _merged_layers(root: nn.Module, set_name: str, dtype: torch.dtype) -> dict[s
         if any(name.startswith(p) for p in inside):
             continue
         layer_dtype = torch.float32 if name in fp32 else dtype
-        if isinstance(module, AdaptedLinear):
+        if isinstance(module, AdaptedLayer):
             inside.append(name + ".")
             if set_name in module.adapters and set_name not in module.merged:
                 weight, bias = module.merged_weight(set_name)

@@ -7,7 +7,8 @@ One :class:`PeftPart` per PEFT adapter type, each written as ``adapter_config.js
   module, its update ``P diag(lambda) Q * alpha / init_r`` is exactly ``B' A'`` with ``A' = (lambda * Q)[kept]``
   and ``B' = P[:, kept] * alpha / init_r``; where both adapt one module the ranks are concatenated. Per-module
   ranks go to ``rank_pattern`` / ``alpha_pattern``; ``uniform_rank=True`` zero-pads every module to one rank
-  with one scale instead (serving engines read a single ``r`` / ``lora_alpha``).
+  with one scale instead (serving engines read a single ``r`` / ``lora_alpha``). LoRA on embeddings and convs
+  keeps PEFT's key names and shapes (:mod:`~lightning_peft.io.lora_layout`).
 - ``ia3``: IA3 scaling vectors (``ia3_l``).
 - ``prompt``: the final prompt embeddings (``prompt_embeddings``); a P-tuning encoder is evaluated once and
   stored as plain prompt tuning, so this part cannot resume training (the native files can).
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.backend import is_conv1d
 from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.io.lora_layout import pad_rank, peft_lora_key
 from lightning_peft.io.peft_dora import add_magnitudes, fold_refusal
 from lightning_peft.methods.base import Level
 from lightning_peft.stack.peft_stack import PeftStack
@@ -153,6 +155,7 @@ def _lora_part(
     if not names:
         return None
     per_module: dict[str, list[_LowRank]] = {}
+    layers: dict[str, AdaptedLinear] = {}
     conv1d = False
     for name, layer in _layer_names(stack).items():
         parts = []
@@ -163,6 +166,7 @@ def _lora_part(
                     parts.append(lr)
         if parts:
             per_module[name.removeprefix(prefix)] = parts
+            layers[name.removeprefix(prefix)] = layer
             conv1d = conv1d or is_conv1d(layer.base_layer)
     if not per_module:
         return None
@@ -179,7 +183,7 @@ def _lora_part(
         for module, (lr,) in per_module.items():
             keys = lr.keys or (None, None)
             for which, tensor, key in (("A", lr.A, keys[0]), ("B", lr.B, keys[1])):
-                peft_key = f"base_model.model.{module}.lora_{which}.weight"
+                peft_key = peft_lora_key(module, which, layers[module])
                 tensors[peft_key] = tensor
                 if key in native:
                     verbatim[peft_key] = key
@@ -195,19 +199,15 @@ def _lora_part(
         if uniform_rank:
             r = max(ranks.values())
             for m, (A, B) in folded.items():
-                k = A.shape[0]
-                folded[m] = (
-                    torch.cat([A, A.new_zeros(r - k, A.shape[1])], 0),
-                    torch.cat([B, B.new_zeros(B.shape[0], r - k)], 1),
-                )
+                folded[m] = pad_rank(A, B, r, layers[m], m)
             rank_pattern = {}
         else:
             r = Counter(ranks.values()).most_common(1)[0][0]
             rank_pattern = {m: k for m, k in ranks.items() if k != r}
         alpha, alpha_pattern = r, dict(rank_pattern)
         for module, (A, B) in folded.items():
-            tensors[f"base_model.model.{module}.lora_A.weight"] = A.contiguous()
-            tensors[f"base_model.model.{module}.lora_B.weight"] = B.contiguous()
+            tensors[peft_lora_key(module, "A", layers[module])] = A.contiguous()
+            tensors[peft_lora_key(module, "B", layers[module])] = B.contiguous()
         use_rslora = False
     config.update(_common(stack, root))
     config.update(

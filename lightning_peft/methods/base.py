@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from lightning_peft.core.layer import AdaptedLinear, Delta, adapt_linear, restore_linear
+from lightning_peft.core.backend import BaseKind
+from lightning_peft.core.layer import AdaptedLayer, Delta, adapt_layer, restore_layer
 from lightning_peft.core.state import AdapterState
 from lightning_peft.core.targets import resolve_targets
 from lightning_peft.errors import PeftConfigError, preview
@@ -26,7 +27,8 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 class Level(enum.Enum):
     """Where a strategy acts on a model; compared by identity (``strategy.level is Level.INPUT``)."""
 
-    #: deltas on linear layers, composed inside an :class:`~lightning_peft.core.layer.AdaptedLinear`
+    #: deltas on linear (and, for some strategies, embedding / conv) layers, composed inside an
+    #: :class:`~lightning_peft.core.layer.AdaptedLayer`
     LAYER = "layer"
     #: modules inserted after (or beside) existing ones, e.g. bottleneck adapters
     MODULE = "module"
@@ -184,7 +186,14 @@ def check_probability(value: Any, argument: str) -> None:
 
 @dataclass
 class LayerStrategy(Strategy):
-    """Shared recipe for strategies that add a :class:`~lightning_peft.core.layer.Delta` to chosen linears."""
+    """Shared recipe for strategies that add a :class:`~lightning_peft.core.layer.Delta` to chosen layers.
+
+    ``base_kinds`` lists the kinds of base layer (:func:`~lightning_peft.core.backend.base_kind`) the strategy's
+    deltas can sit on: linears only unless a strategy says more (LoRA also adapts named embeddings and convs).
+    A named target of another kind is refused in :meth:`plan`, before the model is touched.
+    """
+
+    base_kinds: ClassVar[tuple[BaseKind, ...]] = ("linear",)
 
     def target_spec(self) -> tuple[Any, Any]:
         """(target_modules, exclude_modules) as the user gave them."""
@@ -194,7 +203,7 @@ class LayerStrategy(Strategy):
         """The record one application fills: its targets, and in ``extra`` any state its deltas share."""
         return Applied(targets=list(plan))
 
-    def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> Delta:
+    def make_delta(self, layer: AdaptedLayer, name: str, applied: Applied) -> Delta:
         raise NotImplementedError
 
     def delta_kind(self) -> str:
@@ -204,12 +213,13 @@ class LayerStrategy(Strategy):
 
     def plan(self, model: nn.Module, ctx: ApplyContext) -> list[str]:
         targets, exclude = self.target_spec()
-        return resolve_targets(model, targets, exclude, skip=ctx.skip_modules)
+        return resolve_targets(model, targets, exclude, skip=ctx.skip_modules, kinds=self.base_kinds,
+                               who=type(self).__name__)
 
     def apply(self, model: nn.Module, plan: list[str], ctx: ApplyContext) -> Applied:
         applied = self.new_applied(plan)
         for name in applied.targets:
-            layer = adapt_linear(model, name, ctx.state)
+            layer = adapt_layer(model, name, ctx.state)
             base = layer.base_layer
             delta = self.make_delta(layer, name, applied)
             device = next((p.device for p in base.parameters()), None)
@@ -225,6 +235,6 @@ class LayerStrategy(Strategy):
                 layer = model.get_submodule(name)
             except AttributeError:
                 continue
-            if isinstance(layer, AdaptedLinear):
+            if isinstance(layer, AdaptedLayer):
                 layer.remove_deltas(ctx.set_name, self.name)
-                restore_linear(model, name)
+                restore_layer(model, name)

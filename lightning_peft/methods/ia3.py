@@ -104,7 +104,7 @@ class IA3(LayerStrategy):
 
     def plan(self, model: nn.Module, ctx: ApplyContext) -> dict[str, bool]:
         targets, ff = self._specs(model)
-        names = resolve_targets(model, targets, self.exclude_modules, skip=ctx.skip_modules)
+        names = resolve_targets(model, targets, self.exclude_modules, skip=ctx.skip_modules, who="IA3")
         feedforward = {n: bool(ff) and name_matches(n, ff) for n in names}
         if ff and not any(feedforward.values()):
             raise PeftConfigError(

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.backend import float_dtype, is_quantized
-from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.core.layer import AdaptedLinear, merge_refusals
 from lightning_peft.core.state import StackHandle, get_state
 from lightning_peft.core.targets import resolve_unfreeze
 from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
@@ -161,6 +161,8 @@ class PeftStack(StackHandle):
         errors: dict[str, float] = {}
         names = {id(m): n for n, m in self.model.named_modules()}
         dtype = float_dtype(self.model)
+        for name, reason in merge_refusals(self.model, self.name).items():  # refuse before anything is merged
+            raise PeftConfigError(f"cannot merge adapter set {self.name!r}: {name!r}: {reason}")
         for layer in self.adapted_layers():
             if is_quantized(layer.base_layer):
                 errors[names[id(layer)]] = merge_quantized_layer(layer, self.name, requantize, dtype)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_peft.core.layer import AdaptedLinear, Delta
+from lightning_peft.core.backend import BASE_KINDS, BaseKind
+from lightning_peft.core.layer import AdaptedLayer, Delta
 from lightning_peft.core.targets import ALL_LINEAR, check_patterns
 from lightning_peft.errors import PeftConfigError
 from lightning_peft.methods.base import (
@@ -22,6 +23,7 @@ from lightning_peft.methods.base import (
     register_strategy,
 )
 from lightning_peft.methods.lora import init
+from lightning_peft.methods.lora.layers import conv_problem, make_layer_delta
 from lightning_peft.ops.dropout import project
 from lightning_peft.ops.lowrank import lowrank_linear
 
@@ -62,7 +64,7 @@ class LoRADelta(Delta):
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
 
-    def before_load(self, layer: AdaptedLinear, state_dict: dict[str, Any], prefix: str) -> None:
+    def before_load(self, layer: AdaptedLayer, state_dict: dict[str, Any], prefix: str) -> None:
         init.rebase(self, layer.base_layer, state_dict, prefix)  # PiSSA / OLoRA: the base follows A0, B0
 
     def extra_repr(self) -> str:
@@ -77,7 +79,8 @@ VARIANTS: dict[str, Any] = {}
 @register_strategy
 @dataclass
 class LoRA(LayerStrategy):
-    """Low-rank update ``W + (alpha / r) B A`` on chosen linear layers.
+    """Low-rank update ``W + (alpha / r) B A`` on chosen linear layers, and on embeddings and convs named in
+    ``target_modules`` (see :mod:`lightning_peft.methods.lora.layers`).
 
     Args:
         r: rank of the update.
@@ -86,7 +89,8 @@ class LoRA(LayerStrategy):
             (see :func:`lightning_peft.ops.dropout.project`).
         target_modules: exact names or dotted suffixes (``["query", "value"]``), a regex matching the whole
             qualified name, or ``"all-linear"`` (every linear except the output head; QLoRA, Section 4, found
-            adapting all linears necessary to match full fine-tuning).
+            adapting all linears necessary to match full fine-tuning). Names and regexes also select
+            ``nn.Embedding`` and ``nn.Conv1d/2d/3d`` layers; ``"all-linear"`` never does.
         exclude_modules: names or regex of modules never adapted.
         use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023) so larger ranks keep learning.
         init_weights: ``True`` for the paper's init (random A, B = 0); ``False`` draws B at random too (for
@@ -155,6 +159,13 @@ class LoRA(LayerStrategy):
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     @property
+    def base_kinds(self) -> tuple[BaseKind, ...]:  # type: ignore[override]
+        # the embedding and conv deltas are plain LoRA: a variant (a subclass, DoRA, a base-reading init) adapts
+        # linears only unless it says otherwise
+        plain = type(self) is LoRA and isinstance(self.init_weights, bool) and not self.use_dora
+        return BASE_KINDS if plain else ("linear",)
+
+    @property
     def changes_base(self) -> bool:
         """PiSSA, OLoRA and LoftQ change the base weights (shared by every adapter set of the model)."""
         return init.reads_base(self.init_weights)
@@ -164,6 +175,13 @@ class LoRA(LayerStrategy):
 
     def plan(self, model: nn.Module, ctx: ApplyContext) -> list[str]:
         targets = super().plan(model, ctx)
+        for name in targets:
+            module = model.get_submodule(name)
+            base = module.base_layer if isinstance(module, AdaptedLayer) else module
+            problem = conv_problem(base, self.r)
+            if problem is not None:
+                raise PeftConfigError(f"LoRA(r={self.r}) cannot adapt {name!r} ({type(base).__name__}): {problem}; "
+                                      "leave it out with exclude_modules")
         if self.use_dora:
             VARIANTS["use_dora"].check_targets(model, targets)
         return init.plan_init(self, model, targets, ctx) if self.changes_base else targets
@@ -178,7 +196,10 @@ class LoRA(LayerStrategy):
             applied.extra["init"] = dict(plan.factors)
         return applied
 
-    def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> LoRADelta:
+    def make_delta(self, layer: AdaptedLayer, name: str, applied: Applied) -> Delta:
+        if layer.kind != "linear":
+            return make_layer_delta(layer.kind, layer.base_layer, self.r, self.scaling, self.dropout,
+                                    self.init_weights)
         cls = VARIANTS["use_dora"] if self.use_dora else LoRADelta
         delta = cls(layer.in_features, layer.out_features, self.r, self.scaling, self.dropout,
                     self.init_weights, self.shared_dropout)
@@ -192,6 +213,6 @@ class LoRA(LayerStrategy):
     def remove(self, model: nn.Module, applied: Applied, ctx: ApplyContext) -> None:
         for name, delta in zip(applied.targets, applied.modules):  # PiSSA / OLoRA: the base takes back its part
             layer = model.get_submodule(name)
-            if isinstance(layer, AdaptedLinear):
+            if isinstance(layer, AdaptedLayer):
                 init.give_back(delta, layer.base_layer)
         super().remove(model, applied, ctx)
