@@ -285,7 +285,7 @@ def test_dora_and_ia3_on_one_layer_are_refused_before_the_model_changes():
         stack.unmerge()
 
 
-def test_unsupported_layer_is_refused_before_the_model_changes(monkeypatch):
+def test_unsupported_layer_is_refused_before_the_model_changes():
     model = tiny_llama()
     q = model.model.layers[0].self_attn.q_proj
     q.weight = torch.nn.Parameter(q.weight.detach().to(torch.int8), requires_grad=False)  # not float, not bnb
@@ -296,13 +296,11 @@ def test_unsupported_layer_is_refused_before_the_model_changes(monkeypatch):
     assert not any(isinstance(m, AdaptedLinear) for m in model.modules())
     apply_peft(model, [LoRA(target_modules=["v_proj"], use_dora=True)])  # the supported layers are fine
 
-    # a layer kind LoRA may adapt but DoRA does not (as the Embedding / Conv layers added to LoRA will be)
-    from lightning_peft.core import targets
-
+    # a layer kind LoRA adapts but DoRA does not
     model = tiny_llama()
     before = _snapshot(model)
-    monkeypatch.setattr(targets, "is_linear", lambda m: isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
-    with pytest.raises(PeftConfigError, match=r"cannot adapt 'model\.embed_tokens' \(Embedding\)"):
+    with pytest.raises(PeftConfigError, match=r"'model\.embed_tokens' \(Embedding\), which LoRA\(use_dora=True\) "
+                                              r"cannot adapt: it adapts linear layers only"):
         apply_peft(model, [dora(target_modules=["embed_tokens"])])
     _assert_unchanged(model, before)
 

@@ -370,6 +370,10 @@ def test_lora_variants_stay_on_linears():
         pass
 
     _untouched(tiny_llama(), [MyLoRA(target_modules=["embed_tokens"])], "MyLoRA cannot adapt")
+    _untouched(tiny_llama(), [LoRA(target_modules=["embed_tokens"], use_dora=True)],
+               r"LoRA\(use_dora=True\) cannot adapt")
+    _untouched(tiny_llama(), [LoRA(target_modules=["embed_tokens"], init_weights="olora")],
+               r"LoRA\(init_weights='olora'\) cannot adapt")
 
 
 # -- training: resume ------------------------------------------------------------------------------------------------

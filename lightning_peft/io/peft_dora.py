@@ -8,16 +8,12 @@ holds it, and appends it again when loading. DoRA cannot be folded with AdaLoRA 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
 from lightning_peft.core.layer import AdaptedLinear
+from lightning_peft.io.peft_common import PeftPart
 from lightning_peft.methods.base import Strategy
 from lightning_peft.stack.peft_stack import PeftStack
-
-if TYPE_CHECKING:  # peft_layout imports this module
-    from lightning_peft.io.peft_layout import PeftPart
 
 MAGNITUDE_KEY = "lora_magnitude_vector"
 

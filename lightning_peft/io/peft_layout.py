@@ -20,7 +20,7 @@ Modules the stack unfreezes become PEFT ``modules_to_save`` of the first part. D
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,91 +29,22 @@ from torch import Tensor, nn
 from lightning_peft.core.backend import is_conv1d
 from lightning_peft.core.layer import AdaptedLinear
 from lightning_peft.io.lora_layout import pad_rank, peft_lora_key
+from lightning_peft.io.peft_common import (
+    LOW_RANK,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    PROMPT,
+    SCALING,
+    PeftExport,
+    PeftPart,
+    adapted_layers,
+    common_config,
+    hf_root,
+    task_type,
+)
 from lightning_peft.io.peft_dora import add_magnitudes, fold_refusal
 from lightning_peft.methods.base import Level
 from lightning_peft.stack.peft_stack import PeftStack
-
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-#: strategies folded into the LoRA part, the IA3 part and the prompt part (by registered name)
-LOW_RANK = ("lora", "adalora")
-SCALING = ("ia3",)
-PROMPT = ("prompt_tuning", "p_tuning")
-#: nesting order for PEFT: inner adapters first, the prompt adapter outermost
-
-
-@dataclass
-class PeftPart:
-    """One PEFT adapter: its ``adapter_config.json`` content and tensors under PEFT's key names."""
-
-    name: str
-    config: dict[str, Any]
-    tensors: dict[str, Tensor]
-    #: PEFT key -> native key, for tensors stored unchanged (the native files then point at them)
-    verbatim: dict[str, str] = field(default_factory=dict)
-    strategies: list[str] = field(default_factory=list)
-
-
-@dataclass
-class PeftExport:
-    parts: list[PeftPart]
-    #: strategy name (or ``"unfreeze"``) -> why PEFT's format cannot hold it
-    skipped: dict[str, str] = field(default_factory=dict)
-
-
-def hf_root(stack: PeftStack) -> tuple[nn.Module, str]:
-    """The transformers model the stack adapts (``stack.model`` or the model inside a LightningModule) + its prefix."""
-    model = stack.model
-    if hasattr(model, "config") and hasattr(model, "save_pretrained"):
-        return model, ""
-    for name, module in model.named_modules():
-        if name and hasattr(module, "config") and hasattr(module, "save_pretrained"):
-            return module, name + "."
-    return model, ""
-
-
-def task_type(model: nn.Module) -> str | None:
-    """PEFT's ``task_type`` for a transformers model class (``None`` when it has no PEFT task)."""
-    cls = type(model).__name__
-    config = getattr(model, "config", None)
-    for suffix, task in (
-        ("ForSequenceClassification", "SEQ_CLS"),
-        ("ForTokenClassification", "TOKEN_CLS"),
-        ("ForQuestionAnswering", "QUESTION_ANS"),
-    ):
-        if cls.endswith(suffix):
-            return task
-    if getattr(config, "is_encoder_decoder", False) and (
-        cls.endswith("ForConditionalGeneration") or "Seq2SeqLM" in cls
-    ):
-        return "SEQ_2_SEQ_LM"
-    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
-        return "CAUSAL_LM"
-    if cls.endswith("Model") and config is not None:
-        return "FEATURE_EXTRACTION"
-    return None
-
-
-def base_name_or_path(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    value = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
-    return str(value) if value else None
-
-
-def _common(stack: PeftStack, root: nn.Module) -> dict[str, Any]:
-    return {
-        "task_type": task_type(root),
-        "base_model_name_or_path": base_name_or_path(root),
-        "inference_mode": True,
-    }
-
-
-def _layer_names(stack: PeftStack) -> dict[str, AdaptedLinear]:
-    return {
-        n: m
-        for n, m in stack.model.named_modules()
-        if isinstance(m, AdaptedLinear) and stack.name in m.adapters
-    }
 
 
 # -- low-rank family -------------------------------------------------------------------------------------------
@@ -157,7 +88,7 @@ def _lora_part(
     per_module: dict[str, list[_LowRank]] = {}
     layers: dict[str, AdaptedLinear] = {}
     conv1d = False
-    for name, layer in _layer_names(stack).items():
+    for name, layer in adapted_layers(stack).items():
         parts = []
         for strategy, delta in layer.adapters[stack.name].items():
             if strategy in LOW_RANK:
@@ -209,7 +140,7 @@ def _lora_part(
             tensors[peft_lora_key(module, "A", layers[module])] = A.contiguous()
             tensors[peft_lora_key(module, "B", layers[module])] = B.contiguous()
         use_rslora = False
-    config.update(_common(stack, root))
+    config.update(common_config(stack, root))
     config.update(
         {
             "r": r,
@@ -240,7 +171,7 @@ def _ia3_part(stack: PeftStack, root: nn.Module, prefix: str, native: dict[str, 
     tensors: dict[str, Tensor] = {}
     verbatim: dict[str, str] = {}
     targets, feedforward = [], []
-    for name, layer in _layer_names(stack).items():
+    for name, layer in adapted_layers(stack).items():
         group = layer.adapters[stack.name]
         if strategy.name not in group:
             continue
@@ -258,7 +189,7 @@ def _ia3_part(stack: PeftStack, root: nn.Module, prefix: str, native: dict[str, 
         return None
     config = {
         "peft_type": "IA3",
-        **_common(stack, root),
+        **common_config(stack, root),
         "target_modules": sorted(targets),
         "feedforward_modules": sorted(feedforward),
         "fan_in_fan_out": False,
@@ -292,7 +223,7 @@ def prompt_part_of(
     config_obj = getattr(root, "config", None)
     config = {
         "peft_type": "PROMPT_TUNING",
-        **_common(stack, root),
+        **common_config(stack, root),
         "num_virtual_tokens": int(embeddings.shape[0]),
         "token_dim": int(embeddings.shape[1]),
         # 1: prompts on the encoder only for seq2seq models, as our prompt host does (PEFT's default is 2)

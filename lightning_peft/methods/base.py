@@ -214,7 +214,11 @@ class LayerStrategy(Strategy):
     def plan(self, model: nn.Module, ctx: ApplyContext) -> list[str]:
         targets, exclude = self.target_spec()
         return resolve_targets(model, targets, exclude, skip=ctx.skip_modules, kinds=self.base_kinds,
-                               who=type(self).__name__)
+                               who=self.variant_name())
+
+    def variant_name(self) -> str:
+        """How errors name this strategy (a variant names its option, e.g. ``LoRA(use_dora=True)``)."""
+        return type(self).__name__
 
     def apply(self, model: nn.Module, plan: list[str], ctx: ApplyContext) -> Applied:
         applied = self.new_applied(plan)

@@ -165,6 +165,12 @@ class LoRA(LayerStrategy):
         plain = type(self) is LoRA and isinstance(self.init_weights, bool) and not self.use_dora
         return BASE_KINDS if plain else ("linear",)
 
+    def variant_name(self) -> str:
+        name = type(self).__name__
+        if self.use_dora:
+            return f"{name}(use_dora=True)"
+        return name if isinstance(self.init_weights, bool) else f"{name}(init_weights={self.init_weights!r})"
+
     @property
     def changes_base(self) -> bool:
         """PiSSA, OLoRA and LoftQ change the base weights (shared by every adapter set of the model)."""
