@@ -50,6 +50,17 @@ def tiny_t5(seed: int = 0, **overrides):
     return T5ForConditionalGeneration(T5Config(**cfg)).eval()
 
 
+def tiny_vit(seed: int = 0):
+    """A one-layer ViT image classifier (16x16 images, 4x4 patches: its patch embedding is a Conv2d)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0)
+    return ViTForImageClassification(cfg).eval()
+
+
 def save_and_reload(model, tmp_path, cls=None):
     """Round-trip through save_pretrained / from_pretrained, the real loading path."""
     path = os.path.join(str(tmp_path), "base")

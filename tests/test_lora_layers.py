@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import save_and_reload, tiny_gpt2, tiny_llama, token_batch
+from helpers import save_and_reload, tiny_gpt2, tiny_llama, tiny_vit, token_batch
 from test_export import agree, logits, peft_load, randomize
 from torch import nn
 
@@ -23,16 +23,6 @@ TOL = 1e-5
 
 
 # -- tiny models ---------------------------------------------------------------------------------------------------
-def tiny_vit(seed: int = 0):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(seed)
-    cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                    num_attention_heads=2, intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
-                    attention_probs_dropout_prob=0.0)
-    return ViTForImageClassification(cfg).eval()
-
-
 def tiny_convnext(seed: int = 0):
     from transformers import ConvNextConfig, ConvNextForImageClassification
 

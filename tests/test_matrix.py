@@ -33,8 +33,8 @@ from lightning_peft import (
     quantize_model,
     save_adapters,
 )
-from tests.helpers import tiny_gpt2, tiny_llama, token_batch
-from tests.matrix import REFUSED, Cell, cells, refusal
+from tests.helpers import tiny_gpt2, tiny_llama, tiny_vit, token_batch
+from tests.matrix import LINEAR_ONLY, REFUSED, Cell, applicable, cells, refusal
 
 QUANT = {
     "nf4": Quantization("nf4"), "nf4-dq": Quantization("nf4", double_quant=True), "fp4": Quantization("fp4"),
@@ -45,31 +45,49 @@ TARGETS = {  # attention, feed-forward, bottleneck-adapter sites, IA3 (targets, 
               (["k_proj", "v_proj", "down_proj"], ["down_proj"])),
     "gpt2": (["c_attn"], ["mlp.c_fc", "mlp.c_proj"], ["attn.c_proj", "mlp.c_proj"],
              (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])),
+    "vit": (["q_proj", "v_proj"], ["fc1", "fc2"], None, (["k_proj", "v_proj", "fc2"], ["fc2"])),
 }
+#: the embedding or conv a layer-level strategy adapts besides the linears, on those bases
+EXTRA = {"embedding": ["embed_tokens"], "conv2d": ["patch_embeddings.projection"]}
+LORA_VARIANTS = {"lora-rslora": dict(use_rslora=True), "lora-dropout": dict(dropout=0.1),
+                 "lora-shared-dropout": dict(dropout=0.1, shared_dropout=True), "lora-dora": dict(use_dora=True),
+                 "lora-pissa": dict(init_weights="pissa"), "lora-loftq": dict(init_weights="loftq")}
 
 
 def family(cell: Cell) -> str:
-    return "gpt2" if cell.base == "conv1d" else "llama"
+    return {"conv1d": "gpt2", "conv2d": "vit"}.get(cell.base, "llama")
 
 
 def strategies(cell: Cell) -> list:
     attn, mlp, sites, (ia3_t, ia3_ff) = TARGETS[family(cell)]
+    extra = EXTRA.get(cell.base, [])
     s = cell.strategy
     if s.startswith("lora"):
-        return [LoRA(r=4, alpha=8, target_modules=attn + mlp, use_rslora=s == "lora-rslora",
-                     dropout=0.1 if s.endswith("dropout") else 0.0, shared_dropout=s == "lora-shared-dropout")]
+        return [LoRA(r=4, alpha=8, target_modules=attn + mlp + extra, **LORA_VARIANTS.get(s, {}))]
     if s == "adalora":
-        return [AdaLoRA(init_r=4, target_r=2, alpha=8, target_modules=attn + mlp)]
+        return [AdaLoRA(init_r=4, target_r=2, alpha=8, target_modules=attn + mlp + extra)]
     if s == "ia3":
-        return [IA3(target_modules=ia3_t, feedforward_modules=ia3_ff)]
+        return [IA3(target_modules=ia3_t + extra, feedforward_modules=ia3_ff)]
     if s == "adapter":
         return [Adapter(bottleneck=4, target_modules=sites)]
-    return [PromptTuning(num_virtual_tokens=4), LoRA(r=4, alpha=8, target_modules=attn),
+    return [PromptTuning(num_virtual_tokens=4), LoRA(r=4, alpha=8, target_modules=attn + extra),
             AdaLoRA(init_r=4, target_r=2, alpha=8, target_modules=mlp)]
 
 
 def base_model(cell: Cell, seed: int = 0):
-    return (tiny_gpt2 if family(cell) == "gpt2" else tiny_llama)(seed=seed)
+    return {"gpt2": tiny_gpt2, "vit": tiny_vit, "llama": tiny_llama}[family(cell)](seed=seed)
+
+
+def inputs(cell: Cell, precision: str | None = None) -> dict:
+    """The model's inputs (token ids, or images for the ViT), in the dtype a bf16-true model expects."""
+    if family(cell) != "vit":
+        return {"input_ids": token_batch(2, 8)}
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return {"pixel_values": pixels.to(torch.bfloat16) if (precision or cell.precision) == "bf16-true" else pixels}
+
+
+def labels(cell: Cell, batch: dict) -> torch.Tensor:
+    return torch.tensor([0, 2]) if family(cell) == "vit" else batch["input_ids"]
 
 
 def build(cell: Cell, precision: str | None = None):
@@ -94,10 +112,9 @@ def precision_context(precision: str):
     return contextlib.nullcontext()
 
 
-def logits(model, precision: str, x=None) -> torch.Tensor:
-    x = token_batch(2, 8) if x is None else x
+def logits(model, precision: str, cell: Cell) -> torch.Tensor:
     with torch.no_grad(), precision_context(precision):
-        return model(input_ids=x).logits.float()
+        return model(**inputs(cell, precision)).logits.float()
 
 
 def close(a: torch.Tensor, b: torch.Tensor, precision: str, fp32_tol: float = 1e-5) -> None:
@@ -114,9 +131,9 @@ def fp32_tol(cell: Cell) -> float:
 def op_train(cell: Cell, tmp_path) -> None:
     model, stack = build(cell)
     model.train()
-    x = token_batch(2, 8)
+    batch = inputs(cell)
     with precision_context(cell.precision):
-        loss = model(input_ids=x, labels=x).loss
+        loss = model(**batch, labels=labels(cell, batch)).loss
     loss.backward()
     assert torch.isfinite(loss)
     for strategy, applied in zip(stack.strategies, stack.applied):
@@ -125,21 +142,21 @@ def op_train(cell: Cell, tmp_path) -> None:
         assert owned and all(p.grad is not None and torch.isfinite(p.grad).all() for p in owned), strategy.name
         assert any(p.grad.abs().sum() > 0 for p in owned), f"no gradient reaches {strategy.name}"
     model.eval()
-    ours = logits(model, cell.precision)
+    ours = logits(model, cell.precision, cell)
     if cell.precision != "fp32":  # reference: the same weights in fp32
-        close(ours, logits(build(cell, "fp32")[0], "fp32"), cell.precision)
+        close(ours, logits(build(cell, "fp32")[0], "fp32", cell), cell.precision)
     else:  # reference: the deltas folded into the (dequantized) base weights
         stack.merge()
-        close(logits(model, "fp32"), ours, "fp32", fp32_tol(cell))
+        close(logits(model, "fp32", cell), ours, "fp32", fp32_tol(cell))
 
 
 def op_merge(cell: Cell, tmp_path) -> None:
     model, stack = build(cell)
-    before = logits(model, cell.precision)
+    before = logits(model, cell.precision, cell)
     stack.merge()
-    close(logits(model, cell.precision), before, cell.precision, fp32_tol(cell))
+    close(logits(model, cell.precision, cell), before, cell.precision, fp32_tol(cell))
     stack.unmerge()
-    after = logits(model, cell.precision)
+    after = logits(model, cell.precision, cell)
     if cell.precision == "fp32":
         close(after, before, "fp32", fp32_tol(cell))
     else:  # bf16 weights: merge then unmerge rounds twice
@@ -147,27 +164,28 @@ def op_merge(cell: Cell, tmp_path) -> None:
 
 
 def op_export_merged(cell: Cell, tmp_path) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
     model, _ = build(cell)
-    ours = logits(model, cell.precision)
+    ours = logits(model, cell.precision, cell)
     with warnings_allowed():
         merge_and_export(model, tmp_path / "merged")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    auto = AutoModelForImageClassification if family(cell) == "vit" else AutoModelForCausalLM
+    reloaded = auto.from_pretrained(tmp_path / "merged").eval()
     if cell.strategy == "stack":  # prompts cannot merge: saved beside the model as a peft prompt adapter
         import peft
 
         reloaded = peft.PeftModel.from_pretrained(reloaded, str(tmp_path / "merged" / "prompt")).eval()
     if cell.precision == "bf16-true":
         assert next(reloaded.parameters()).dtype == torch.bfloat16
-    theirs = logits(reloaded, cell.precision)[:, -ours.shape[1]:]  # peft's prompted logits keep virtual rows
+    theirs = logits(reloaded, cell.precision, cell)[:, -ours.shape[1]:]  # peft's prompted logits keep virtual rows
     close(theirs, ours, cell.precision, fp32_tol(cell))
 
 
 def op_peft_load(cell: Cell, tmp_path) -> None:
     peft = pytest.importorskip("peft")
     model, _ = build(cell)
-    ours = logits(model, cell.precision)
+    ours = logits(model, cell.precision, cell)
     save_adapters(model, tmp_path / "adapters")
     base = base_model(cell)
     if cell.base in QUANT:
@@ -175,32 +193,57 @@ def op_peft_load(cell: Cell, tmp_path) -> None:
     if cell.precision == "bf16-true":
         base.to(torch.bfloat16)
     theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapters")).eval()
-    close(logits(theirs, cell.precision), ours, cell.precision, fp32_tol(cell))
+    close(logits(theirs, cell.precision, cell), ours, cell.precision, fp32_tol(cell))
 
 
 def op_reload_renamed(cell: Cell, tmp_path) -> None:
     model, _ = build(cell)
-    ours = logits(model, cell.precision)
+    ours = logits(model, cell.precision, cell)
     save_adapters(model, tmp_path / "adapters")
     fresh = base_model(cell)
     stack = load_adapters(fresh, tmp_path / "adapters", name="other")
     assert stack.name == "other"
     if cell.precision == "bf16-true":
         fresh.to(torch.bfloat16)
-    close(logits(fresh.eval(), cell.precision), ours, cell.precision, fp32_tol(cell))
+    close(logits(fresh.eval(), cell.precision, cell), ours, cell.precision, fp32_tol(cell))
+
+
+def ImageClassifierModule(model, lr: float):
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            pixels, target = batch
+            return self.model(pixel_values=pixels, labels=target).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=lr)
+
+    return Module()
 
 
 def op_resume(cell: Cell, tmp_path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import TensorDataset
 
     from lightning_peft.callbacks import PEFT
     from tests.helpers import CausalLMModule, lm_data, loader, trainer
 
-    data = loader(lm_data(n=8, length=8), batch_size=4)  # 2 steps an epoch: resume at an epoch boundary
+    if family(cell) == "vit":  # images and class labels
+        g = torch.Generator().manual_seed(0)
+        dataset = TensorDataset(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 3, (8,), generator=g))
+        module_cls = ImageClassifierModule
+    else:
+        dataset, module_cls = lm_data(n=8, length=8), CausalLMModule
+    data = loader(dataset, batch_size=4)  # 2 steps an epoch: resume at an epoch boundary
 
     def run(epochs: int, ckpt_path=None, save_dir=None):
         torch.manual_seed(0)
-        module = CausalLMModule(model=base_model(cell), lr=1e-2)
+        module = module_cls(model=base_model(cell), lr=1e-2)
         callbacks = [PEFT(strategies(cell), quantize=QUANT.get(cell.base), model_attr="model")]
         if save_dir is not None:
             callbacks.append(ModelCheckpoint(dirpath=save_dir, save_last=True))
@@ -236,26 +279,46 @@ def warnings_allowed():
 def native_only(cell: Cell, tmp_path) -> None:
     """No ``peft`` files are written (so ``peft`` cannot half-load the folder); the native files load back."""
     model, _ = build(cell)
-    ours = logits(model, cell.precision)
+    ours = logits(model, cell.precision, cell)
     folder = save_adapters(model, tmp_path / "adapters")
     assert not (folder / "adapter_config.json").exists()
     fresh = base_model(cell)
     load_adapters(fresh, folder)
     if cell.precision == "bf16-true":
         fresh.to(torch.bfloat16)
-    close(logits(fresh.eval(), cell.precision), ours, cell.precision, fp32_tol(cell))
+    close(logits(fresh.eval(), cell.precision, cell), ours, cell.precision, fp32_tol(cell))
+
+
+#: what the PeftConfigError of each refusal in tests/matrix.py says
+REFUSAL_ERRORS = {
+    "a bottleneck adapter cannot be folded": r"cannot be folded into the base weights.*save_adapters",
+    "DoRA, the PiSSA and LoftQ inits": r"matches '[\w.]+' \((Embedding|Conv2d)\), which \w+(\(.*\))? cannot adapt: it "
+                                       r"adapts linear layers only",
+    "LoftQ fits the adapter": r"init_weights='loftq' cannot initialize .* is not quantized by this apply_peft call",
+}
 
 
 def refused(cell: Cell, tmp_path, reason: str) -> None:
     """The PeftConfigError comes before anything is written or changed."""
-    assert cell.operation == "export-merged", "only merge_and_export refuses so far"
+    (pattern,) = [v for k, v in REFUSAL_ERRORS.items() if reason.startswith(k)]
+    if cell.operation != "export-merged" or cell.strategy in LINEAR_ONLY or cell.strategy == "lora-loftq":
+        model = base_model(cell)  # refused while applying: the model stays as it was
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        modules = [type(m) for m in model.modules()]
+        with pytest.raises(PeftConfigError, match=pattern):
+            build(cell)  # builds its own model: check this one with the same strategies
+        with pytest.raises(PeftConfigError, match=pattern):
+            apply_peft(model, strategies(cell), quantize=QUANT.get(cell.base))
+        assert [type(m) for m in model.modules()] == modules
+        after = model.state_dict()
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+        return
     model, _ = build(cell)
-    before = logits(model, cell.precision)
-    with pytest.raises(PeftConfigError, match=r"cannot be folded into the base weights.*save_adapters"):
+    before = logits(model, cell.precision, cell)
+    with pytest.raises(PeftConfigError, match=pattern):
         merge_and_export(model, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
-    assert torch.equal(logits(model, cell.precision), before)
-    assert reason.startswith("a bottleneck adapter cannot be folded")
+    assert torch.equal(logits(model, cell.precision, cell), before)
 
 
 @pytest.mark.parametrize("cell", cells(), ids=lambda c: c.id)
@@ -275,9 +338,12 @@ def test_covering_array_covers_every_pair() -> None:
     from tests.matrix import FACTORS
 
     chosen = cells()
+    assert all(applicable(c.base, c.strategy) for c in chosen)
     names = list(FACTORS)
     for a, b in combinations(names, 2):
         want = {(x, y) for x in FACTORS[a] for y in FACTORS[b]}
+        if (a, b) == ("base", "strategy"):
+            want = {(x, y) for x, y in want if applicable(x, y)}
         got = {(getattr(c, a), getattr(c, b)) for c in chosen}
         assert want <= got, (a, b, want - got)
 
@@ -292,7 +358,7 @@ def test_readme_table_is_generated_from_the_matrix() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed and CUDA bitsandbytes need a CUDA device")
-@pytest.mark.parametrize("strategy", ["lora", "adalora", "ia3", "stack"])
+@pytest.mark.parametrize("strategy", ["lora", "lora-dora", "adalora", "ia3", "stack"])
 @pytest.mark.parametrize("base", ["linear", "nf4", "int8"])
 def test_cuda_cells(base: str, strategy: str) -> None:
     """16-mixed (fp16 autocast) on CUDA: forward and backward reach every strategy; logits agree with fp32."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.core.backend import is_conv1d
+from lightning_peft.core.backend import is_conv1d, is_quantized
 from lightning_peft.core.layer import AdaptedLinear
 from lightning_peft.io.lora_layout import pad_rank, peft_lora_key
 from lightning_peft.io.peft_common import (
@@ -77,6 +77,17 @@ def _adalora_lowrank(delta: nn.Module) -> _LowRank | None:
     A = (delta.adalora_A.detach() * E.view(-1, 1))[kept]
     B = delta.adalora_B.detach()[:, kept]
     return _LowRank(A, B, float(delta.scaling))
+
+
+def _conversion_refusal(stack: PeftStack) -> str | None:
+    """Why a PiSSA / OLoRA stack has no exact PEFT form: on a quantized base, the update against the original
+    weights (which PEFT loads quantized) misses the residual's own quantization error."""
+    converts = any(s.name == "lora" and s.changes_base and s.init_weights != "loftq" for s in stack.strategies)
+    if converts and any(is_quantized(layer.base_layer) for layer in adapted_layers(stack).values()):
+        return ("PiSSA / OLoRA on a quantized base: PEFT's layout holds the update against the original weights, "
+                "which differ from this quantized residual by its quantization error (kept in the native files "
+                "only; merge_and_export writes the adapted model in full precision)")
+    return None
 
 
 def _lora_part(
@@ -287,7 +298,7 @@ def _add_modules_to_save(
 def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank: bool = False) -> PeftExport:
     """Everything of ``stack`` PEFT's format can hold, as parts in nesting order, plus what it cannot."""
     root, prefix = hf_root(stack)
-    refusal = fold_refusal([s for s in stack.strategies if s.name in LOW_RANK])  # DoRA with AdaLoRA
+    refusal = fold_refusal([s for s in stack.strategies if s.name in LOW_RANK]) or _conversion_refusal(stack)
     lora = None if refusal else _lora_part(stack, root, prefix, native, uniform_rank)
     add_magnitudes(lora, stack, prefix, native)
     parts = [
