@@ -6,7 +6,7 @@ are imported when first used.
 
 from typing import Any
 
-from lightning_peft.core.layer import AdaptedLinear, Delta
+from lightning_peft.core.layer import AdaptedLayer, AdaptedLinear, Delta
 from lightning_peft.core.state import get_stack
 from lightning_peft.errors import AdapterStateError, PeftConfigError
 from lightning_peft.io.adapters import load_adapters, save_adapters
@@ -68,6 +68,7 @@ __all__ = [
     "PromptTuning",
     "Unfreeze",
     "AdaLoRA",
+    "AdaptedLayer",
     "AdaptedLinear",
     "AdapterStateError",
     "Delta",
