@@ -142,3 +142,28 @@ def trainer(tmp_path, **kwargs) -> L.Trainer:
                     deterministic=True, num_sanity_val_steps=0)
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def straight_and_resumed(tmp_path, make_module, make_callbacks, data, epochs: int = 2, **trainer_kwargs):
+    """Fit ``epochs`` epochs straight, then 1 epoch with a checkpoint and the rest resumed from it.
+
+    Returns (straight, resumed, half, resumed trainer): the modules of the uninterrupted run, of the resumed run
+    and of the one-epoch run. Resuming at an epoch boundary, as Lightning restarts a plain DataLoader's epoch.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(n: int, ckpt_path=None, save_dir=None):
+        torch.manual_seed(0)
+        module = make_module()
+        callbacks = list(make_callbacks())
+        if save_dir is not None:
+            callbacks.append(ModelCheckpoint(dirpath=save_dir, save_last=True))
+        t = trainer(tmp_path, max_steps=-1, max_epochs=n, callbacks=callbacks, enable_checkpointing=save_dir is not None,
+                    **trainer_kwargs)
+        t.fit(module, data, ckpt_path=ckpt_path)
+        return module, t
+
+    straight, _ = run(epochs)
+    half, first = run(1, save_dir=os.path.join(str(tmp_path), "ck"))
+    resumed, t = run(epochs, ckpt_path=first.checkpoint_callback.last_model_path)
+    return straight, resumed, half, t

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from helpers import ClassifierModule, classification_data, loader, tiny_bert, trainer
+from helpers import ClassifierModule, classification_data, loader, straight_and_resumed, tiny_bert, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_peft import LoRA, PeftConfigError
@@ -87,20 +87,8 @@ def test_checkpoint_holds_adapters_only(tmp_path, weights_only, capsys):
 def test_resume_equals_uninterrupted(tmp_path):
     data = classification_data(n=64)  # 8 steps per epoch at batch 8
 
-    def run(epochs, ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = ClassifierModule(model=tiny_bert(**NO_DROPOUT), lr=1e-2)
-        callbacks = [_peft()]
-        if save_dir is not None:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, save_last=True))
-        t = trainer(tmp_path, max_steps=-1, max_epochs=epochs, callbacks=callbacks,
-                    enable_checkpointing=save_dir is not None)
-        t.fit(module, loader(data), ckpt_path=ckpt_path)
-        return module, t
-
-    straight, _ = run(2)
-    _, first = run(1, save_dir=tmp_path / "ck")
-    resumed, t = run(2, ckpt_path=first.checkpoint_callback.last_model_path)
+    straight, resumed, _, t = straight_and_resumed(
+        tmp_path, lambda: ClassifierModule(model=tiny_bert(**NO_DROPOUT), lr=1e-2), lambda: [_peft()], loader(data))
     assert t.global_step == 16
     want = {n: p for n, p in straight.named_parameters() if p.requires_grad}
     got = dict(resumed.named_parameters())

@@ -369,8 +369,7 @@ def test_lora_variants_stay_on_linears():
 # -- training: resume ------------------------------------------------------------------------------------------------
 def test_resume_with_embedding_and_conv_lora_equals_uninterrupted(tmp_path):
     import lightning as L
-    from helpers import loader, trainer
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from helpers import loader, straight_and_resumed
     from torch.utils.data import TensorDataset
 
     from lightning_peft.callbacks import PEFT
@@ -390,20 +389,9 @@ def test_resume_with_embedding_and_conv_lora_equals_uninterrupted(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randint(0, 20, (16, 7), generator=g), torch.randint(0, 3, (16,), generator=g))
 
-    def run(epochs, ckpt_path=None, save_dir=None):
-        module = Module()
-        callbacks = [PEFT([LoRA(r=2, target_modules=["emb", "scaled", "conv", "grouped"])], unfreeze=["head"],
-                          model_attr="model")]
-        if save_dir is not None:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, save_last=True))
-        t = trainer(tmp_path, max_steps=-1, max_epochs=epochs, callbacks=callbacks,
-                    enable_checkpointing=save_dir is not None)
-        t.fit(module, loader(data), ckpt_path=ckpt_path)
-        return module, t
-
-    straight, _ = run(2)
-    _, first = run(1, save_dir=tmp_path / "ck")
-    resumed, t = run(2, ckpt_path=first.checkpoint_callback.last_model_path)
+    straight, resumed, _, t = straight_and_resumed(
+        tmp_path, Module, lambda: [PEFT([LoRA(r=2, target_modules=["emb", "scaled", "conv", "grouped"])],
+                                        unfreeze=["head"], model_attr="model")], loader(data))
     assert t.global_step == 4
     want = {n: p for n, p in straight.named_parameters() if p.requires_grad}
     assert any(".emb.adapters.default.lora.lora_A" in n for n in want)

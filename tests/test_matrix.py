@@ -227,11 +227,10 @@ def ImageClassifierModule(model, lr: float):
 
 
 def op_resume(cell: Cell, tmp_path) -> None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import TensorDataset
 
     from lightning_peft.callbacks import PEFT
-    from tests.helpers import CausalLMModule, lm_data, loader, trainer
+    from tests.helpers import CausalLMModule, lm_data, loader, straight_and_resumed
 
     if family(cell) == "vit":  # images and class labels
         g = torch.Generator().manual_seed(0)
@@ -241,20 +240,10 @@ def op_resume(cell: Cell, tmp_path) -> None:
         dataset, module_cls = lm_data(n=8, length=8), CausalLMModule
     data = loader(dataset, batch_size=4)  # 2 steps an epoch: resume at an epoch boundary
 
-    def run(epochs: int, ckpt_path=None, save_dir=None):
-        torch.manual_seed(0)
-        module = module_cls(model=base_model(cell), lr=1e-2)
-        callbacks = [PEFT(strategies(cell), quantize=QUANT.get(cell.base), model_attr="model")]
-        if save_dir is not None:
-            callbacks.append(ModelCheckpoint(dirpath=save_dir, save_last=True))
-        t = trainer(tmp_path, max_steps=-1, max_epochs=epochs, precision=cell.precision.replace("fp32", "32-true"),
-                    callbacks=callbacks, enable_checkpointing=save_dir is not None)
-        t.fit(module, data, ckpt_path=ckpt_path)
-        return module, t
-
-    straight, _ = run(2)
-    half, first = run(1, save_dir=tmp_path / "ck")
-    resumed, _ = run(2, ckpt_path=first.checkpoint_callback.last_model_path)
+    straight, resumed, half, _ = straight_and_resumed(
+        tmp_path, lambda: module_cls(model=base_model(cell), lr=1e-2),
+        lambda: [PEFT(strategies(cell), quantize=QUANT.get(cell.base), model_attr="model")], data,
+        precision=cell.precision.replace("fp32", "32-true"))
     a, b, h = ({n: p for n, p in m.named_parameters() if p.requires_grad} for m in (straight, resumed, half))
     assert a.keys() == b.keys() == h.keys() and a
     assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
