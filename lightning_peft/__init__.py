@@ -6,8 +6,11 @@ are imported when first used.
 
 from typing import Any
 
-from lightning_peft.core.layer import AdaptedLayer, Delta
-from lightning_peft.core.layer import AdaptedLinear  # noqa: F401  (AdaptedLayer's former name, still importable)
+from lightning_peft.core.layer import (
+    AdaptedLayer,
+    AdaptedLinear,  # noqa: F401  (AdaptedLayer's former name, still importable)
+    Delta,
+)
 from lightning_peft.core.state import get_stack
 from lightning_peft.errors import AdapterStateError, PeftConfigError
 from lightning_peft.io.adapters import load_adapters, save_adapters
