@@ -5,13 +5,14 @@ import warnings
 
 import peft
 import pytest
+import safetensors.torch
 import torch
 from helpers import save_and_reload, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from test_export import TOL, agree, assert_peft_keys_match, logits, peft_load, randomize
 
-from lightning_peft import IA3, AdaLoRA, LoRA, PromptTuning, PTuning, apply_peft
+from lightning_peft import IA3, AdaLoRA, AdaptedLayer, LoRA, PromptTuning, PTuning, apply_peft
 from lightning_peft.io.adapters import NATIVE_WEIGHTS_NAME, load_adapters, read_manifest, save_adapters
-from lightning_peft.io.peft_layout import PEFT_CONFIG_NAME
+from lightning_peft.io.peft_layout import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from lightning_peft.methods.adalora import adalora_deltas
 
 TARGETS = {
@@ -58,7 +59,22 @@ def test_pruned_adalora_folds_into_lora(tmp_path, arch):
     for name, k in ranks.items():  # every kept rank is in the pattern (or is the global r)
         if k:
             assert config["rank_pattern"].get(name, config["r"]) == k
-    assert config["alpha_pattern"] == config["rank_pattern"]
+    # one global alpha: peft's rule (alpha_pattern, else lora_alpha, over rank_pattern, else r) and an engine's
+    # rule that ignores alpha_pattern (lora_alpha / the rank of B) both give every module its trained update
+    assert config["alpha_pattern"] == {} and any(k != config["r"] for k in config["rank_pattern"].values())
+    tensors = safetensors.torch.load_file(str(folder / PEFT_WEIGHTS_NAME))
+    trained = {n: m.adapters[stack.name]["adalora"].delta_weight().detach() for n, m in model.named_modules()
+               if isinstance(m, AdaptedLayer) and stack.name in m.adapters}
+    for name, k in ranks.items():
+        if not k:
+            continue
+        B = tensors[f"base_model.model.{name}.lora_B.weight"]
+        A = tensors[f"base_model.model.{name}.lora_A.weight"]
+        peft_scale = config["alpha_pattern"].get(name, config["lora_alpha"]) / config["rank_pattern"].get(
+            name, config["r"])
+        engine_scale = config["lora_alpha"] / B.shape[1]
+        for scale in (peft_scale, engine_scale):
+            torch.testing.assert_close(B @ A * scale, trained[name], atol=1e-6, rtol=1e-5)
     theirs = peft_load(type(model).from_pretrained(base_path).eval(), folder)
     assert_peft_keys_match(theirs, folder)
     diff = (logits(theirs, x) - ours).abs().max().item()

@@ -6,7 +6,8 @@ One :class:`PeftPart` per PEFT adapter type, each written as ``adapter_config.js
 - ``lora``: LoRA and AdaLoRA (after pruning) folded into one standard LoRA adapter. Where AdaLoRA adapts a
   module, its update ``P diag(lambda) Q * alpha / init_r`` is exactly ``B' A'`` with ``A' = (lambda * Q)[kept]``
   and ``B' = P[:, kept] * alpha / init_r``; where both adapt one module the ranks are concatenated. Per-module
-  ranks go to ``rank_pattern`` / ``alpha_pattern``; ``uniform_rank=True`` zero-pads every module to one rank
+  ranks go to ``rank_pattern`` with one global ``lora_alpha`` (each module's ``rank / r`` folded into its B, so
+  readers that ignore ``alpha_pattern`` scale it right too); ``uniform_rank=True`` zero-pads every module to one rank
   with one scale instead (serving engines read a single ``r`` / ``lora_alpha``). LoRA on embeddings and convs
   keeps PEFT's key names and shapes (:mod:`~lightning_peft.io.lora_layout`).
 - ``ia3``: IA3 scaling vectors (``ia3_l``).
@@ -146,7 +147,13 @@ def _lora_part(
         else:
             r = Counter(ranks.values()).most_common(1)[0][0]
             rank_pattern = {m: k for m, k in ranks.items() if k != r}
-        alpha, alpha_pattern = r, dict(rank_pattern)
+            # one global lora_alpha, no alpha_pattern: a reader that scales every module by lora_alpha / its rank
+            # (peft, and engines that ignore alpha_pattern, e.g. llama.cpp's converter) gets r / k; fold k / r
+            # into B so that both give each module its trained update
+            for m, k in rank_pattern.items():
+                A, B = folded[m]
+                folded[m] = (A, B * (k / r))
+        alpha, alpha_pattern = r, {}
         for module, (A, B) in folded.items():
             tensors[peft_lora_key(module, "A", layers[module])] = A.contiguous()
             tensors[peft_lora_key(module, "B", layers[module])] = B.contiguous()
