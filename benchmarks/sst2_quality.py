@@ -37,7 +37,7 @@ PROMPT_TEXT = "Classify if the sentiment of this movie review is positive or neg
 # layers that read one tensor (``LoRA(shared_dropout=True)``). ``lora-shared-v0.1`` holds the runs of the
 # previous default (a shared draw of the dropped positions on the CPU, since removed): reported, not rerunnable.
 HISTORICAL = {"lora-shared-v0.1"}
-LORA_FAMILY = ("lora", "dora", "pissa", "loraplus", "loraplus-4")
+LORA_FAMILY = ("lora", "dora", "pissa", "pissa-lr2e-4", "loraplus", "loraplus-4")
 ROWS: dict[str, dict] = {
     "full": {"lr": 5e-5, "who": "-"},
     "lora": {"lr": 1e-3, "who": "ours"},
@@ -49,6 +49,7 @@ ROWS: dict[str, dict] = {
     "peft-dora": {"lr": 1e-3, "who": "peft"},
     "pissa": {"lr": 1e-3, "who": "ours"},
     "peft-pissa": {"lr": 1e-3, "who": "peft"},
+    "pissa-lr2e-4": {"lr": 2e-4, "who": "ours"},  # is LoRA's lr too large for PiSSA's principal-part start?
     # LoRA+: B at LORAPLUS_RATIO x lr; lr is half LoRA's, as peft's create_loraplus_optimizer advises
     "loraplus": {"lr": 5e-4, "who": "ours"},
     "peft-loraplus": {"lr": 5e-4, "who": "peft"},
@@ -120,7 +121,7 @@ def build(row: str, args, seed: int):
     if row in ("lora", "lora-shared"):
         strategies = [LoRA(r=8, alpha=16, dropout=0.05, target_modules=TARGETS, shared_dropout=row == "lora-shared")]
     elif row in LORA_FAMILY:
-        extra_cfg = {"dora": {"use_dora": True}, "pissa": {"init_weights": "pissa"}}.get(row, {})
+        extra_cfg = {"dora": {"use_dora": True}, "pissa": {"init_weights": "pissa"}}.get(row.split("-")[0], {})
         strategies = [LoRA(r=8, alpha=16, dropout=0.05, target_modules=TARGETS, **extra_cfg)]
     elif row == "adalora":
         from lightning_peft.strategies import AdaLoRA
