@@ -183,7 +183,7 @@ class AdaptedLayer(nn.Module):
     def prepare_load(self, state_dict: dict[str, Any], prefix: str) -> None:
         """Let each delta adjust the base before ``state_dict`` (this layer's keys start with ``prefix``) loads
         into it, unless the state dict brings the base layer itself (see :meth:`Delta.before_load`)."""
-        if any(k.startswith(prefix + BASE_LAYER + ".") for k in state_dict):
+        if f"{prefix}{BASE_LAYER}.weight" in state_dict:  # one lookup: this runs for every layer of every load
             return
         for set_name, group in self.adapters.items():
             for key, delta in group.items():

@@ -83,8 +83,8 @@ def _adalora_lowrank(delta: nn.Module) -> _LowRank | None:
 def _conversion_refusal(stack: PeftStack) -> str | None:
     """Why a PiSSA / OLoRA stack has no exact PEFT form: on a quantized base, the update against the original
     weights (which PEFT loads quantized) misses the residual's own quantization error."""
-    converts = any(s.name == "lora" and s.changes_base and s.init_weights != "loftq" for s in stack.strategies)
-    if converts and any(is_quantized(layer.base_layer) for layer in adapted_layers(stack).values()):
+    lora = next((s for s in stack.strategies if s.name == "lora"), None)
+    if lora is not None and lora.keeps_initial_factors and any(is_quantized(layer.base_layer) for layer in adapted_layers(stack).values()):
         return ("PiSSA / OLoRA on a quantized base: PEFT's layout holds the update against the original weights, "
                 "which differ from this quantized residual by its quantization error (kept in the native files "
                 "only; merge_and_export writes the adapted model in full precision)")
@@ -121,7 +121,7 @@ def _lora_part(
         # plain LoRA: exactly what PEFT itself would save (raw A and B, the user's r and alpha); PiSSA / OLoRA
         # converted to plain LoRA of the original base at rank 2r, as PEFT converts them (alpha doubled with it)
         r, alpha, rank_pattern, alpha_pattern = lora.r, lora.alpha, {}, {}
-        if lora.changes_base and lora.init_weights != "loftq":
+        if lora.keeps_initial_factors:
             r, alpha = 2 * r, alpha * (2**0.5 if lora.use_rslora else 2)
         for module, (lr,) in per_module.items():
             keys = lr.keys or (None, None)

@@ -158,7 +158,7 @@ def check_can_add_set(state: AdapterState, name: str) -> None:
     """Called by :func:`~lightning_peft.stack.apply_peft` before it changes anything: no set may be merged."""
     _refuse_while_merged(state, f"add adapter set {name!r}")
     for other in state.stacks.values():  # PiSSA, OLoRA, LoftQ: another set would sit on their residual weights
-        changed = next((s for s in other.strategies if getattr(s, "changes_base", False)), None)
+        changed = next((s for s in other.strategies if s.changes_base), None)
         if changed is not None:
             raise PeftConfigError(
                 f"cannot add adapter set {name!r}: set {other.name!r} has init_weights={changed.init_weights!r}, which "

@@ -69,6 +69,12 @@ def reads_base(init_weights: Any) -> bool:
     return isinstance(init_weights, str) and init_weights != "gaussian"
 
 
+def keeps_initial(init_weights: Any) -> bool:
+    """Whether the init keeps its initial factors (``lora_A0`` / ``lora_B0``: PiSSA, OLoRA), whose ``s B0 A0`` the
+    base gave up; an export then holds the update against the original weights."""
+    return reads_base(init_weights) and init_weights != "loftq"
+
+
 @dataclass
 class Factors:
     """One layer's initial adapter ``A`` (r, in), ``B`` (out, r), and what its base becomes."""
@@ -216,13 +222,14 @@ def plan_init(strategy: Any, model: nn.Module, targets: list[str], ctx: Any) -> 
             W = base_weight(base).to(torch.float32)
             s = strategy.scaling
             if init == "olora":
-                factors[name] = Factors(*olora(W, strategy.r), keep_initial=True)
+                factors[name] = Factors(*olora(W, strategy.r), keep_initial=keeps_initial(init))
             elif init == "loftq":
                 A, B, without = loftq(W, strategy.r, s, strategy.loftq_iter, ctx.quantization, base.weight.dtype)
-                factors[name] = Factors(A, B, keep_initial=False, quantize_without=without)
+                factors[name] = Factors(A, B, keep_initial=keeps_initial(init), quantize_without=without)
             else:
                 niter = NITER.fullmatch(init)
-                factors[name] = Factors(*pissa(W, strategy.r, s, int(niter[1]) if niter else None), keep_initial=True)
+                factors[name] = Factors(*pissa(W, strategy.r, s, int(niter[1]) if niter else None),
+                                        keep_initial=keeps_initial(init))
     return InitPlan(targets, factors)
 
 
@@ -285,4 +292,5 @@ def rebase(delta: nn.Module, base: nn.Module, state_dict: dict[str, Any], prefix
         set_base_weight(base, W + delta.scaling * (old - B0.float() @ A0.float()))
 
 
-__all__ = ["INITS", "Factors", "InitPlan", "check_init", "loftq", "olora", "pissa", "plan_init", "reads_base"]
+__all__ = ["INITS", "Factors", "InitPlan", "check_init", "loftq", "olora", "pissa", "keeps_initial", "plan_init",
+           "reads_base"]

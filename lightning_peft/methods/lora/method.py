@@ -176,6 +176,11 @@ class LoRA(LayerStrategy):
         """PiSSA, OLoRA and LoftQ change the base weights (shared by every adapter set of the model)."""
         return init.reads_base(self.init_weights)
 
+    @property
+    def keeps_initial_factors(self) -> bool:
+        """PiSSA and OLoRA keep their initial factors: exports hold the update against the original weights."""
+        return init.keeps_initial(self.init_weights)
+
     def delta_kind(self) -> str:
         return "decomposed" if self.use_dora else "additive"
 
