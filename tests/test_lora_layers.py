@@ -399,3 +399,16 @@ def test_resume_with_embedding_and_conv_lora_equals_uninterrupted(tmp_path):
     worst = max((want[n] - got[n]).abs().max().item() for n in want)
     print(f"resume vs uninterrupted (embedding + conv LoRA): max |diff| = {worst:.2e}")
     assert worst <= 1e-6
+
+
+@pytest.mark.parametrize("case", ["embedding", "conv2d"])
+def test_compiled_forward_has_no_graph_break(case):
+    """Embedding and conv LoRA under torch.compile: no graph break (peft's LoRA has none here either)."""
+    if case == "embedding":
+        model, targets, kw = tiny_llama(), ["embed_tokens", "q_proj"], {"input_ids": token_batch()}
+    else:
+        model, targets, kw = tiny_vit(), ["patch_embeddings.projection", "q_proj"], {"pixel_values": pixels()}
+    apply_peft(model, [LoRA(r=4, target_modules=targets)])
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda: model(**kw).logits.sum())()
+    assert explained.graph_break_count == 0, explained.break_reasons
