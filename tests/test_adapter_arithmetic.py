@@ -245,7 +245,7 @@ def test_dare_generator_and_rng():
     assert not torch.equal(q["global"]["lora"].lora_A, q["other"]["lora"].lora_A)
 
 
-def test_ia3_sets_agree_with_peft():
+def test_ia3_sets_agree_with_peft(tmp_path):
     """IA3 sets combine as peft's IA3 add_weighted_adapter: sum_i w_i l_i per layer (from zero)."""
     base = tiny_llama()
     ours = copy.deepcopy(base)
@@ -271,7 +271,11 @@ def test_ia3_sets_agree_with_peft():
     for n, p in vectors.items():
         assert torch.equal(p, params["base_model.model." + n.replace(".adapters.mix.ia3.ia3_l", ".ia3_l.mix")])
     x = token_batch()
-    assert (_logits(ours, x) - _logits(ref, x)).abs().max().item() <= TOL
+    combined = _logits(ours, x)
+    assert (combined - _logits(ref, x)).abs().max().item() <= TOL
+    save_adapters(ours, tmp_path / "mix", name="mix")  # an ordinary IA3 set: peft loads it
+    from_peft = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "mix")).eval()
+    assert (_logits(from_peft, x) - combined).abs().max().item() <= TOL
     with pytest.raises(PeftConfigError, match="IA3 sets combine as a weighted sum .* pass method='linear'"):
         combine_adapter_sets(ours, {"news": 0.6, "chat": 0.8}, name="mix2", method="ties", density=0.5)
 
