@@ -124,7 +124,8 @@ def combine_adapter_sets(
         strategy, tensors = _ia3_combined(stacks, weights)
     elif set(kinds.values()) == {"lora"}:
         parts = _lora_parts(stacks, weights)
-        ranks = {n: s.strategies[0].r for n, s in stacks.items()}
+        # a set's rank as peft counts it: its largest (its r, or a larger per-module one)
+        ranks = {n: max(d.lora_A.shape[0] for d in s.applied[0].modules) for n, s in stacks.items()}
         rank = combined_rank(effective, ranks, svd_rank)
         first = stacks[next(iter(weights))].strategies[0]
         tensors = {

@@ -79,6 +79,10 @@ def _factorwise(kind: str, parts: list[LoRAPart], density: float | None, sign_me
         weights_a.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
         weights_b.append(math.sqrt(abs(ws)))
     a0 = parts[0].delta.lora_A
+    shapes = {tuple(p.delta.lora_A.shape) for p in parts}
+    if len(shapes) > 1:  # sets of one r, but per-module ranks that differ here
+        raise PeftConfigError(f"method={kind!r} needs the sets' factors of one shape on each layer; got A shapes "
+                              f"{sorted(shapes)}; use method='cat' or 'svd'")
     factors = []
     for attr, w in (("lora_A", weights_a), ("lora_B", weights_b)):
         tensors = [getattr(p.delta, attr).detach() for p in parts]
