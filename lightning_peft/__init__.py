@@ -30,6 +30,7 @@ from lightning_peft.methods.selective import BitFit, LayerNormTuning, Unfreeze
 from lightning_peft.quantization.config import Quantization, bnb_config
 from lightning_peft.quantization.convert import quantize_model
 from lightning_peft.quantization.kbit import prepare_for_kbit_training
+from lightning_peft.stack.arithmetic import combine_adapter_sets
 from lightning_peft.stack.optim import create_loraplus_optimizer, loraplus_param_groups
 from lightning_peft.stack.peft_stack import PeftStack, apply_peft
 from lightning_peft.stack.sets import (
@@ -85,6 +86,7 @@ __all__ = [
     "__version__",
     "activate",
     "active_adapters",
+    "combine_adapter_sets",
     "list_adapter_sets",
     "deactivate",
     "disable_adapters",

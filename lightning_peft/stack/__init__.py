@@ -1,6 +1,7 @@
-"""The stack: an ordered list of strategies applied to one model as one adapter set, and the named sets that
-live side by side on one base."""
+"""The stack: an ordered list of strategies applied to one model as one adapter set, the named sets that
+live side by side on one base, and their arithmetic."""
 
+from lightning_peft.stack.arithmetic import combine_adapter_sets
 from lightning_peft.stack.peft_stack import DEFAULT_SET, PeftStack, apply_peft
 from lightning_peft.stack.sets import (
     activate,
@@ -22,6 +23,7 @@ __all__ = [
     "activate",
     "active_adapters",
     "apply_peft",
+    "combine_adapter_sets",
     "deactivate",
     "disable_adapters",
     "get_adapter_set",
