@@ -248,3 +248,39 @@ def test_short_names_in_a_users_own_lightning_cli(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REFUSED WITHOUT THE IMPORT" in result.stdout
     assert "FITTED 2 LoRA 4" in result.stdout
+
+
+def test_hybrid_recipe_on_nf4_checkpoint_to_folders(tiny, tmp_path, monkeypatch):
+    """The llama_hybrid recipe (prompt + LoRA + AdaLoRA on an NF4 backbone) on a tiny Llama: the exported folder
+    reloads bit for bit; the merged folder (dequantized, LoRA and AdaLoRA folded in) plus its prompt/ adapter
+    reproduce the trained model's logits."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"count from {i}", "response": " ".join(str(i + k) for k in
+                                                                                           range(5))}) + "\n"
+                            for i in range(8)))
+    budget = tmp_path / "budget.yaml"  # the recipe's RankBudgetScheduler schedule, shrunk to 4 steps
+    budget.write_text("trainer:\n  callbacks:\n    - class_path: RankBudgetScheduler\n"
+                      "      init_args: {tinit: 1, tfinal: 1, delta_t: 1}\n")
+    cli = run_cli(["fit", "--config", "llama_hybrid", "--config", str(budget),
+                   f"--model.init_args.model_name_or_path={tiny['llama']}", f"--data.train_path={data}",
+                   f"--data.val_path={data}", "--data.batch_size=4", "--data.max_length=32", "--trainer.max_steps=4",
+                   "--trainer.accumulate_grad_batches=1", "--trainer.val_check_interval=null",
+                   f"--trainer.default_root_dir={tmp_path}", *QUIET[:4]])
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    assert {type(m.base_layer).__name__ for m in cli.model.peft_stack.adapted_layers()} == {"Linear4bit"}
+    expected = _logits(cli.model.model, input_ids=TOKENS)
+    run_cli(["export", "--ckpt_path", ckpt, "--output", str(tmp_path / "adapters")])
+    base = AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    load_adapters(base, tmp_path / "adapters")  # quantizes the fresh base to NF4 as the run did
+    torch.testing.assert_close(_logits(base, input_ids=TOKENS), expected, atol=0, rtol=0)
+    with pytest.warns(UserWarning, match="cannot be merged"):
+        run_cli(["merge", "--ckpt_path", ckpt, "--output", str(tmp_path / "merged")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # dequantized
+    with_prompt = peft.PeftModel.from_pretrained(merged, str(tmp_path / "merged" / "prompt"))
+    got = _logits(with_prompt, input_ids=TOKENS)[:, -TOKENS.shape[1]:]  # peft keeps the virtual tokens' rows
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

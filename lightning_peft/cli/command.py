@@ -168,7 +168,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PeftCLI | None:
     if argv[:1] in (["merge"], ["export"]):
         from lightning_peft.cli.convert import run_convert
 
-        run_convert(argv[0], argv[1:])
+        run_convert(argv[0], resolve_config_args(argv[1:]))
         return None
     resolved = resolve_config_args(argv)
     if args is None:  # LightningCLI warns when given args while sys.argv has some: hand it sys.argv instead

@@ -77,7 +77,9 @@ def parser_for(command: str) -> argparse.ArgumentParser:
 
 
 def run_convert(command: str, argv: list[str]) -> Path:
-    """Run ``lightning-peft merge`` / ``export`` with ``argv`` (the arguments after the command); the folder."""
+    """Run ``lightning-peft merge`` / ``export`` with ``argv`` (the arguments after the command); the folder.
+
+    ``run_cli`` calls this with ``--config NAME`` already resolved to the recipe's path."""
     args, rest = parser_for(command).parse_known_args(argv)
     overrides = _model_overrides(command, rest)
     checkpoint = read_checkpoint(args.ckpt_path)
@@ -146,11 +148,8 @@ def module_section(checkpoint: dict[str, Any], ckpt_path: str, config: str | Non
     """``{"class_path", "init_args", "from", "data"}``: how to build the run's LightningModule, and from what.
 
     ``model_class`` is the class the user named (``--model``): trusted, and it replaces the one found."""
-    if config is not None:
-        from lightning_peft.cli.command import _config_path
-
-        path = _config_path(config)
-        return {**_section_of(_read_yaml(path, "--config"), path, "--config"), "from": f"--config {path}"}
+    if config is not None:  # a recipe's name is already its path here (run_cli resolves --config)
+        return {**_section_of(_read_yaml(config, "--config"), config, "--config"), "from": f"--config {config}"}
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "_class_path" in hparams:
         init = {k: v for k, v in hparams.items() if not k.startswith("_")}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from jsonargparse import set_parsing_settings
 
-import lightning_peft  # noqa: F401  (imports and registers every built-in strategy)
+import lightning_peft.methods  # noqa: F401  (imports, so registers, every built-in strategy)
 from lightning_peft.lightning import export_callback, peft_callback, rank_budget
 from lightning_peft.methods.base import Strategy, registered_strategies
 
