@@ -100,6 +100,20 @@ def test_fit_any_lightning_module_with_the_peft_callback(tiny, any_run):
     assert (Path(ckpt).parents[1] / "config.yaml").is_file()  # LightningCLI's, found by export / merge
 
 
+def test_own_module_with_text_data_module_and_task_module_with_own_data(tiny, tmp_path):
+    """The two halves mix: TextDataModule (tokenizer given, as no model_name_or_path links it) under a plain
+    module; a task module over a LightningDataModule that has no tokenizer argument to link."""
+    from lightning_peft.tasks import CausalLM
+
+    cli = run_cli(["--model=tests.cli_modules.CausalLMModule", f"--model.path={tiny['llama']}",
+                   "--data=lightning_peft.data.TextDataModule", f"--data.tokenizer={tiny['llama']}",
+                   "--data.task=causal_lm", *QUIET], run=False)
+    assert type(cli.model) is CausalLMModule and cli.datamodule.tokenizer_name == tiny["llama"]
+    cli = run_cli(["--model=lightning_peft.tasks.CausalLM", f"--model.model_name_or_path={tiny['llama']}",
+                   "--data=tests.cli_modules.CountingData", *QUIET], run=False)
+    assert type(cli.model) is CausalLM and type(cli.datamodule).__name__ == "CountingData"
+
+
 # -- 3. merge and export from a checkpoint ---------------------------------------------------------------------------
 def test_export_and_merge_any_module_checkpoint(tiny, any_run, tmp_path, capsys):
     import peft

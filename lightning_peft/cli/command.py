@@ -110,7 +110,13 @@ def _config_path(value: str) -> str:
 
 
 class PeftCLI(LightningCLI):
-    """LightningCLI with the data module's tokenizer linked to the model and optimizers moved into the model."""
+    """LightningCLI over any LightningModule / LightningDataModule (``--model`` / ``--data`` by import path).
+
+    For the task modules, the data module's ``tokenizer`` is linked to the model's ``model_name_or_path`` (the
+    link is skipped for a module without that argument) and ``--optimizer`` / ``--lr_scheduler`` move into the
+    module's ``optimizer`` / ``scheduler``; any other module is Lightning's, with the ``PEFT`` callback in the
+    config adding the adapters.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer")
