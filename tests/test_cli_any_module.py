@@ -208,8 +208,12 @@ def test_task_module_checkpoint_to_peft_folder_and_merged_model(tiny, tmp_path):
     assert merged_model.config.id2label == {0: "negative", 1: "positive"}  # the training run's label names
     for got in (theirs, _logits(ours_base, **batch), _logits(merged_model, **batch)):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    with pytest.raises(Exception, match="nope"):
+    with pytest.raises(PeftConfigError, match="--name 'nope' is not an adapter set of .*; it holds: default"):
         run_cli(["export", "--ckpt_path", ckpt, "--output", str(tmp_path / "x"), "--name", "nope"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not an export")
+    with pytest.raises(SystemExit, match="--output: .* exists and is not a lightning_peft export"):
+        run_cli(["merge", "--ckpt_path", ckpt, "--output", str(tmp_path / "mine")])
 
 
 def test_merge_and_export_refuse_bad_input_clearly(tmp_path, capsys):

@@ -37,9 +37,10 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from lightning_peft.errors import PeftConfigError
-from lightning_peft.io.adapters import save_adapters
-from lightning_peft.io.merged import merge_and_export
-from lightning_peft.lightning.checkpointing import CHECKPOINT_KEY, restore_from_checkpoint
+from lightning_peft.io.adapters import MANIFEST_NAME, save_adapters
+from lightning_peft.io.atomic import check_replaceable
+from lightning_peft.io.merged import MERGE_MARKER, merge_and_export
+from lightning_peft.lightning.checkpointing import CHECKPOINT_KEY, checkpoint_sets, restore_from_checkpoint
 from lightning_peft.methods.base import registered_strategies
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,6 +84,7 @@ def run_convert(command: str, argv: list[str]) -> Path:
     args, rest = parser_for(command).parse_known_args(argv)
     overrides = _model_overrides(command, rest)
     checkpoint = read_checkpoint(args.ckpt_path)
+    _check_before_building(command, args, checkpoint)
     module, source = build_module(checkpoint, args.ckpt_path, args.config, overrides)
     tokenizer = _tokenizer(args.tokenizer, module, source)
     if command == "merge":
@@ -94,6 +96,19 @@ def run_convert(command: str, argv: list[str]) -> Path:
     print(f"lightning-peft {command}: wrote {out} from {args.ckpt_path} ({type(module).__name__} built from "
           f"{source['from']})")
     return out
+
+
+def _check_before_building(command: str, args: argparse.Namespace, checkpoint: dict[str, Any]) -> None:
+    """``--name`` and ``--output`` checked before the base model is loaded (which may take minutes)."""
+    sets = [str(e["stack"].get("name")) for e in checkpoint_sets(checkpoint[CHECKPOINT_KEY])]
+    if args.name is not None and args.name not in sets:
+        raise PeftConfigError(
+            f"--name {args.name!r} is not an adapter set of {args.ckpt_path!r}; it holds: {', '.join(sets)}"
+        )
+    try:
+        check_replaceable(args.output, MERGE_MARKER if command == "merge" else MANIFEST_NAME)
+    except FileExistsError as err:
+        raise SystemExit(f"lightning-peft {command}: --output: {err}") from None
 
 
 def _model_overrides(command: str, rest: list[str]) -> list[str]:
