@@ -155,6 +155,14 @@ def test_checkpoint_without_its_module_needs_config_or_model(tiny, any_run, tmp_
              f"--model.path={tiny['llama']}"])
     a, b = (json.loads((Path(o) / "lightning_peft.json").read_text())["files"] for o in (out, out2))
     assert a == b  # the same tensors, byte for byte
+    # a config.yaml found beside a checkpoint may name only classes already imported
+    found = tmp_path / "found"
+    (found / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt, found / "checkpoints" / "last.ckpt")
+    (found / "config.yaml").write_text("model:\n  class_path: not_imported_pkg.Module\n")
+    with pytest.raises(PeftConfigError, match=r"names the class 'not_imported_pkg.Module' .* pass --config .*found"):
+        run_cli(["export", "--ckpt_path", str(found / "checkpoints" / "last.ckpt"), "--output", str(tmp_path / "o3")])
+    assert "not_imported_pkg" not in sys.modules
 
 
 def test_module_that_records_its_hyperparameters_needs_only_the_checkpoint(tiny, tmp_path, capsys):

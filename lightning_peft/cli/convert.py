@@ -36,11 +36,17 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
+from lightning_peft.core.state import get_stack
 from lightning_peft.errors import PeftConfigError
 from lightning_peft.io.adapters import MANIFEST_NAME, save_adapters
 from lightning_peft.io.atomic import check_replaceable
 from lightning_peft.io.merged import MERGE_MARKER, merge_and_export
-from lightning_peft.lightning.checkpointing import CHECKPOINT_KEY, checkpoint_sets, restore_from_checkpoint
+from lightning_peft.lightning.checkpointing import (
+    CHECKPOINT_KEY,
+    checkpoint_sets,
+    peft_target,
+    restore_from_checkpoint,
+)
 from lightning_peft.methods.base import registered_strategies
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -255,8 +261,9 @@ def _check_class_paths(section: dict[str, Any], what: str, model_class: str | No
             continue
         raise PeftConfigError(
             f"{what} names the class {path!r} (at {where}), whose module is not imported; lightning-peft does not "
-            "import code named by a checkpoint or a config it found. Pass --config with the run's config, or "
-            f"--model {path} if you trust it"
+            "import code named by a checkpoint or a config it found. If you trust it, pass "
+            + (f"--config {what}" if Path(what).is_file() else f"--model {path}")
+            + " (or --config with the run's config)"
         )
 
 
@@ -283,9 +290,29 @@ def build_module(checkpoint: dict[str, Any], ckpt_path: str, config: str | None,
         raise PeftConfigError(
             f"cannot build the module {section['class_path']!r} from {section['from']}: {err}"
         ) from err
+    sets = checkpoint_sets(checkpoint[CHECKPOINT_KEY])
+    if any(not _has_path(module, e.get("model_attr")) for e in sets):
+        module.configure_model()  # a module that builds its backbone lazily, as Lightning calls it before fit
     restore_from_checkpoint(module, checkpoint)
+    for entry in sets:  # a stack the module applied itself (PEFTMixin) must be the checkpoint's
+        stack = get_stack(peft_target(module, entry.get("model_attr")), entry["stack"]["name"], required=True)
+        ours, saved = [s.config() for s in stack.strategies], list(entry["stack"]["strategies"])
+        if ours != saved:
+            raise PeftConfigError(
+                f"{section['class_path']} built from {section['from']} applies adapter set "
+                f"{stack.name!r} as {ours}, but the checkpoint's is {saved}; build it with the run's configuration"
+            )
     _restore_label_names(module, checkpoint)
     return module, section
+
+
+def _has_path(module: L.LightningModule, attr: str | None) -> bool:
+    target: Any = module
+    for part in (attr or "").split(".") if attr else []:
+        if not hasattr(target, part):
+            return False
+        target = getattr(target, part)
+    return True
 
 
 def _restore_label_names(module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
