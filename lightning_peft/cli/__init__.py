@@ -1,5 +1,7 @@
-"""The ``lightning-peft`` command (LightningCLI over the task modules and the text data module), the task modules
-(:mod:`lightning_peft.cli.tasks`) and the data modules (:mod:`lightning_peft.cli.data`)."""
+"""The ``lightning-peft`` command (LightningCLI over any LightningModule / LightningDataModule, with ready task
+modules and a text data module; ``merge`` / ``export`` from a checkpoint), the task modules
+(:mod:`lightning_peft.cli.tasks`), the data modules (:mod:`lightning_peft.cli.data`) and
+:func:`register_short_names` for a user's own LightningCLI."""
 
 from lightning_peft.cli.command import (
     CONFIG_DIR,
@@ -11,6 +13,7 @@ from lightning_peft.cli.command import (
     resolve_config_args,
     run_cli,
 )
+from lightning_peft.cli.names import register_short_names
 
 __all__ = [
     "CONFIG_DIR",
@@ -19,6 +22,7 @@ __all__ = [
     "print_recipes",
     "recipe_dir",
     "recipes",
+    "register_short_names",
     "resolve_config_args",
     "run_cli",
 ]

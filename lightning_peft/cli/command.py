@@ -1,10 +1,14 @@
-"""The ``lightning-peft`` command: LightningCLI over the task modules and ``TextDataModule``.
+"""The ``lightning-peft`` command: LightningCLI over any LightningModule / LightningDataModule (the task modules and
+``TextDataModule`` are the ready-made ones).
 
 Usage::
 
     lightning-peft fit --config demo                     # an installed recipe, by name
     lightning-peft fit --config my_recipe.yaml --trainer.max_epochs 3
+    lightning-peft fit --model my.module.MyModule --data my.module.MyData --config peft.yaml  # PEFT callback
     lightning-peft recipes                               # list the installed recipes and their commands
+    lightning-peft export --ckpt_path CKPT --output DIR  # adapter folder (see lightning_peft.cli.convert)
+    lightning-peft merge --ckpt_path CKPT --output DIR   # merged transformers model folder
 
 ``--config NAME`` takes the name of a recipe (the repository's ``cli_configs/``, installed with the package as
 ``lightning_peft/cli/recipes/``) or a path. Strategies are written
@@ -19,18 +23,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_peft.cli.data import TextDataModule
+from lightning_peft.cli.data import TextDataModule  # noqa: F401  (imported: --data TextDataModule resolves)
+from lightning_peft.cli.names import register_short_names
 from lightning_peft.cli.tasks import CausalLM, Seq2SeqLM, SequenceClassification, TaskModule  # noqa: F401
 from lightning_peft.errors import PeftConfigError
 
-# the short names recipes use (``class_path: PEFT``); importing lightning_peft.lightning also lets jsonargparse
-# take any Strategy subclass (``class_path: LoRA``) before anything is parsed
-from lightning_peft.lightning.export_callback import AdapterExport  # noqa: F401
-from lightning_peft.lightning.peft_callback import PEFT  # noqa: F401
-from lightning_peft.lightning.rank_budget import RankBudgetScheduler  # noqa: F401
+# the short names recipes use (``class_path: PEFT``, ``class_path: LoRA``), resolved before anything is parsed
+register_short_names()
 
 
 def recipe_dir() -> Path:
@@ -107,7 +110,13 @@ def _config_path(value: str) -> str:
 
 
 class PeftCLI(LightningCLI):
-    """LightningCLI with the data module's tokenizer linked to the model and optimizers moved into the model."""
+    """LightningCLI over any LightningModule / LightningDataModule (``--model`` / ``--data`` by import path).
+
+    For the task modules, the data module's ``tokenizer`` is linked to the model's ``model_name_or_path`` (the
+    link is skipped for a module without that argument) and ``--optimizer`` / ``--lr_scheduler`` move into the
+    module's ``optimizer`` / ``scheduler``; any other module is Lightning's, with the ``PEFT`` callback in the
+    config adding the adapters.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer")
@@ -157,17 +166,22 @@ def main(args: list[str] | None = None) -> None:
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> PeftCLI | None:
-    """Build (and with ``run``, run) the CLI; returns it (``None`` for ``recipes``)."""
+    """Build (and with ``run``, run) the CLI; returns it (``None`` for ``recipes``, ``merge`` and ``export``)."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["recipes"]:
         print_recipes()
+        return None
+    if argv[:1] in (["merge"], ["export"]):
+        from lightning_peft.cli.convert import run_convert
+
+        run_convert(argv[0], resolve_config_args(argv[1:]))
         return None
     resolved = resolve_config_args(argv)
     if args is None:  # LightningCLI warns when given args while sys.argv has some: hand it sys.argv instead
         sys.argv[1:] = resolved
     return PeftCLI(
-        TaskModule,
-        TextDataModule,
+        L.LightningModule,  # the task modules, or any LightningModule (with the PEFT callback in the config)
+        L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

@@ -30,6 +30,20 @@ def _token() -> str:
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def check_replaceable(dirpath: str | os.PathLike, marker: str) -> Path:
+    """``dirpath`` as a Path; ``FileExistsError`` unless it is absent, empty, or an export holding ``marker``.
+
+    :func:`atomic_directory` checks this first; a caller with expensive work to do first can check it earlier.
+    """
+    final = Path(dirpath)
+    if final.exists() and not (final.is_dir() and (not any(final.iterdir()) or (final / marker).is_file())):
+        raise FileExistsError(
+            f"dirpath={str(final)!r} exists and is not a lightning_peft export (no {marker}); refusing to "
+            "replace it: choose a new or empty folder"
+        )
+    return final
+
+
 @contextlib.contextmanager
 def atomic_directory(dirpath: str | os.PathLike, marker: str) -> Iterator[Path]:
     """Yield a temporary folder beside ``dirpath``; on success it replaces ``dirpath`` by renames.
@@ -39,12 +53,7 @@ def atomic_directory(dirpath: str | os.PathLike, marker: str) -> Iterator[Path]:
     An existing ``dirpath`` is only replaced when it is empty or holds ``marker`` (a file this library writes
     into its exports), so a mistyped path never deletes someone's data.
     """
-    final = Path(dirpath)
-    if final.exists() and not (final.is_dir() and (not any(final.iterdir()) or (final / marker).is_file())):
-        raise FileExistsError(
-            f"dirpath={str(final)!r} exists and is not a lightning_peft export (no {marker}); refusing to "
-            "replace it: choose a new or empty folder"
-        )
+    final = check_replaceable(dirpath, marker)
     final.parent.mkdir(parents=True, exist_ok=True)
     token = _token()
     tmp = final.parent / f".{final.name}{TMP_MARK}{token}"
@@ -139,6 +148,7 @@ __all__ = [
     "TMP_MARK",
     "atomic_directory",
     "atomic_torch_save",
+    "check_replaceable",
     "remove_directory",
     "sha256_file",
     "write_json",
