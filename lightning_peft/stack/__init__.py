@@ -1,6 +1,7 @@
 """The stack: an ordered list of strategies applied to one model as one adapter set, and the named sets that
 live side by side on one base."""
 
+from lightning_peft.stack.mixed import BASE, mixed_batch
 from lightning_peft.stack.peft_stack import DEFAULT_SET, PeftStack, apply_peft
 from lightning_peft.stack.sets import (
     activate,
@@ -17,6 +18,7 @@ from lightning_peft.stack.sets import (
 )
 
 __all__ = [
+    "BASE",
     "DEFAULT_SET",
     "PeftStack",
     "activate",
@@ -28,6 +30,7 @@ __all__ = [
     "list_adapter_sets",
     "merge_adapter_set",
     "merged_adapter_set",
+    "mixed_batch",
     "unload",
     "unmerge_adapter_set",
     "using_adapter_set",
