@@ -18,6 +18,7 @@ SCRIPTS = [  # (argv, a line the script's table must print)
     (["checkpoint_sizes.py", "--smoke"], "| weights-only |"),
     (["compile_precision.py", "--smoke"], "| llama | lora | ours |"),
     (["loftq_error.py", "--smoke"], "| error removed by loftq_iter=5 |"),
+    (["mixed_batch.py", "--smoke"], "| 2 | 4 | peft-mixed |"),
 ]
 
 
