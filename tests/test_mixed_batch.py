@@ -6,6 +6,7 @@ Every row of one mixed forward must equal that row alone under its own set (``ac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -220,24 +221,6 @@ def test_eval_mode_gradients_flow_to_each_rows_set():
     assert all(g is None for n, g in grads.items() if ".ia3." in n)  # no row used that set
 
 
-def test_generate_keeps_each_rows_set():
-    model = build(tiny_llama(), {k: v for k, v in layer_sets("llama").items() if k in ("lora", "both")})
-    names = ["both", "__base__", "lora"]
-    x = token_batch(3, 6)
-    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
-    with torch.no_grad(), mixed_batch(model, names):
-        mixed = model.generate(input_ids=x, **kw)
-    own = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with disable_adapters(model):
-                own.append(model.generate(input_ids=x[i : i + 1], **kw))
-        else:
-            activate(model, name)
-            own.append(model.generate(input_ids=x[i : i + 1], **kw))
-    assert torch.equal(mixed, torch.cat(own))
-
-
 def test_in_place_head_of_the_active_set_is_off_for_mixed_rows():
     """The active set trains a head in place (unfreeze): the mixed rows (base and other sets) see the base head."""
     model = tiny_bert()
@@ -315,6 +298,41 @@ def test_exception_in_forward_ends_the_routing_and_hooks_go_with_the_last_set():
     with torch.no_grad():
         out = twin(input_ids=x, attention_mask=mask, adapter_names=["b", "a"]).logits
         assert (out - model(input_ids=x, attention_mask=mask, adapter_names=["b", "a"]).logits).abs().max() == 0
-    unload(model, "a")
-    unload(model, "b")
-    assert not model._forward_pre_hooks and not model._forward_hooks
+    for m in (model, twin):
+        unload(m, "a")
+        unload(m, "b")
+        assert not m._forward_pre_hooks and not m._forward_hooks  # the model as it was before any set
+
+
+def test_generate_takes_adapter_names_and_a_wrapper_takes_the_context():
+    model = build(tiny_llama(), {k: v for k, v in layer_sets("llama").items() if k in ("lora", "ia3")})
+    names = ["ia3", "lora", "__base__"]
+    x = token_batch(3, 6)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # no row stops early
+    with torch.no_grad():
+        with mixed_batch(model, names):
+            expected = model.generate(input_ids=x, **kw)
+        own = []
+        for i, name in enumerate(names):
+            with disable_adapters(model) if name == "__base__" else contextlib.nullcontext():
+                if name != "__base__":
+                    activate(model, name)
+                own.append(model.generate(input_ids=x[i : i + 1], **kw))
+        assert torch.equal(expected, torch.cat(own))
+        # generate() checks its keywords against forward's: never silently ignored, use the context instead
+        with pytest.raises(ValueError, match="adapter_names"):
+            model.generate(input_ids=x, adapter_names=names, **kw)
+
+    class Wrapper(torch.nn.Module):  # a LightningModule-like module whose forward cannot take adapter_names
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, ids):
+            return self.inner(input_ids=ids).logits
+
+    wrapper = Wrapper()
+    with torch.no_grad(), mixed_batch(wrapper, names):
+        logits = wrapper(x)
+    with torch.no_grad():
+        assert torch.equal(logits, model(input_ids=x, adapter_names=names).logits)

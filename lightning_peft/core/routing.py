@@ -97,6 +97,9 @@ class RowRoute:
             base_out = yr
             for d in additive:
                 yr = d.add_to_base(yr, xr, layer.base_layer, base_out) if d.needs_base else d.add_to(yr, xr)
+            if yr.dtype != out.dtype:  # under autocast a delta may return another dtype: keep the wider one
+                dtype = torch.promote_types(yr.dtype, out.dtype)
+                out, yr = out.to(dtype), yr.to(dtype)
             if out is y and torch.is_grad_enabled():  # autograd may hold views of y: write into a copy
                 out = y.clone()
             out[rows] = yr
