@@ -267,6 +267,10 @@ def test_refusals_name_the_problem_before_anything_runs():
             model(**inputs, adapter_names=["a", "b", "a"])
         with pytest.raises(PeftConfigError, match="3 entries but the batch has 2 rows"):
             model(input_ids=x[:2])
+        calls.clear()
+        with pytest.raises(PeftConfigError, match=r"3 entries but a Linear layer got an input of shape \(2, 10, 32\)"):
+            model.model(input_ids=x[:2])  # a submodule called alone: its first adapted layer refuses the rows
+        calls.clear()
     assert not calls  # every refusal came before the model ran
     handle.remove()
     assert find_state(model).route is None

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.errors import AdapterStateError
+from lightning_peft.errors import AdapterStateError, PeftConfigError
 
 #: the name of rows that use the base model alone (``peft``'s spelling)
 BASE = "__base__"
@@ -57,10 +57,12 @@ class RowRoute:
         return rows
 
     def check_batch(self, x: Tensor, where: str) -> None:
+        """The backstop of the model-level check: an adapted layer called on rows that are not the batch's (a
+        model that flattens its batch, a submodule called alone with another batch) raises instead of mixing."""
         if x.dim() == 0 or x.shape[0] != self.batch:
-            raise AdapterStateError(
-                f"adapter_names has {self.batch} entries but {where} got an input of shape {tuple(x.shape)} "
-                f"(batch size {x.shape[0] if x.dim() else 'none'}); give one name per row of the batch"
+            raise PeftConfigError(
+                f"adapter_names has {self.batch} entries but {where} got an input of shape {tuple(x.shape)}; a "
+                "mixed-adapter batch needs one name per row, and layers whose input leads with the batch dimension"
             )
 
     # -- adapted layers ------------------------------------------------------------------------------------

@@ -111,8 +111,7 @@ def _virtual_tokens(state: AdapterState, name: str) -> int:
     for strategy in stack.strategies:
         if isinstance(strategy, PromptStrategy):
             n += strategy.num_virtual_tokens
-        elif strategy.level is Level.SELECTIVE or (strategy.level is Level.MODULE and not isinstance(strategy,
-                                                                                                      Adapter)):
+        elif strategy.level is Level.SELECTIVE or (strategy.level is Level.MODULE and not isinstance(strategy, Adapter)):
             raise PeftConfigError(
                 f"adapter set {name!r} holds {type(strategy).__name__}, which cannot be mixed with other sets in one "
                 "batch (it changes shared base tensors or modules for the whole forward); mixed batches take "
