@@ -9,6 +9,10 @@ repeat (one warm-up each, median over repeats):
 - ``peft-mixed`` / ``peft-sequential``: the same with ``peft`` (``adapter_names=``; ``set_adapter`` + forward) on
   the same base and the same sets (saved with ``save_adapters`` and loaded into one ``PeftModel``).
 
+With ``--overhead``, ``one-set`` / ``one-set-unhooked``: a normal forward of all the rows under one set, with the
+forward hooks that take ``adapter_names`` on the model and with them taken off (what a model without mixed-batch
+support would run), to show what the hooks cost a normal forward.
+
 Peak memory is counted, not sampled (the CPU allocator keeps no peak), as ``speed_memory.py`` counts it: the
 bytes of the distinct tensor storages alive at once, here the weights plus every tensor the serving call
 creates, tracked from creation to release under a ``TorchDispatchMode`` (a separate pass from the timed ones).
@@ -16,6 +20,7 @@ On CUDA, ``torch.cuda.max_memory_allocated`` is reported instead.
 
     python benchmarks/mixed_batch.py                          # N = 2, 4, 8 sets x 8 rows x 64 tokens, fp32
     python benchmarks/mixed_batch.py --quantize nf4 --order grouped
+    python benchmarks/mixed_batch.py --sets 4 --overhead      # + the hooks' cost on a normal forward
     python benchmarks/mixed_batch.py --smoke                  # tiny model, one repeat (CI)
 """
 
@@ -37,7 +42,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lightning_peft import LoRA, activate, apply_peft, save_adapters
+from lightning_peft.core.state import find_state
 from lightning_peft.quantization import Quantization, quantize_model
+from lightning_peft.stack.mixed import install_router, uninstall_router
 
 MIB = 2**20
 METHODS = ("mixed", "sequential", "peft-mixed", "peft-sequential")
@@ -151,6 +158,22 @@ def servers(args, n_sets: int, device: torch.device, tmp: str) -> tuple[dict[str
 
     calls: dict[str, Callable] = {"mixed": mixed, "sequential": sequential}
     models: dict[str, object] = {"mixed": ours, "sequential": ours}
+    if args.overhead:  # the normal forward of one set over all rows, with the router's hooks on and off
+        state = find_state(ours)
+
+        def one_set():
+            activate(ours, names[0])
+            return ours(input_ids=ids, attention_mask=mask).logits
+
+        def one_set_unhooked():
+            uninstall_router(state)
+            try:
+                return one_set()
+            finally:
+                install_router(ours, state)
+
+        calls.update({"one-set": one_set, "one-set-unhooked": one_set_unhooked})
+        models.update({"one-set": ours, "one-set-unhooked": ours})
     if not args.no_peft:
         import peft
 
@@ -233,6 +256,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-peft", action="store_true", help="skip peft's mixed and sequential rows")
+    ap.add_argument("--overhead", action="store_true",
+                    help="also time a normal one-set forward of all rows with the adapter_names hooks on and off")
     ap.add_argument("--out", default=None, help="write the Markdown table here too")
     ap.add_argument("--smoke", action="store_true", help="tiny model, N = 2, one repeat")
     args = ap.parse_args()
