@@ -130,9 +130,13 @@ def test_nf4_base():
     names = ["ia3", "lora", "__base__", "both", "rslora", "lora"]
     x, mask = padded(len(names))
     assert_rows_agree(model, names, "llama nf4 base", input_ids=x, attention_mask=mask)
+    build(model, {"p1": [PromptTuning(num_virtual_tokens=3)], "p2": [PromptTuning(num_virtual_tokens=3),
+                                                                     LoRA(r=2, target_modules=["o_proj"])]})
+    names = ["p2", "p1", "p1", "p2", "p1", "p2"]
+    assert_rows_agree(model, names, "llama nf4 base, prompt sets", input_ids=x, attention_mask=mask)
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "bert", "gpt2"])
 def test_prompt_sets_rows_equal_their_own_forward(arch):
     n = 4
     sets = {
@@ -146,7 +150,7 @@ def test_prompt_sets_rows_equal_their_own_forward(arch):
     assert_rows_agree(model, names, f"{arch} prompt sets", input_ids=x, attention_mask=mask)
     with torch.no_grad():
         logits = model(input_ids=x, attention_mask=mask, adapter_names=names).logits
-    assert logits.shape[0] == len(names) and (arch != "llama" or logits.shape[1] == x.shape[1])  # caller's positions
+    assert logits.shape[0] == len(names) and (arch == "bert" or logits.shape[1] == x.shape[1])  # caller's positions
 
 
 def test_dora_adalora_adapter_and_embedding_sets():
