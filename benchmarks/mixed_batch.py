@@ -166,7 +166,7 @@ def servers(args, n_sets: int, device: torch.device, tmp: str) -> tuple[dict[str
             return ours(input_ids=ids, attention_mask=mask).logits
 
         def one_set_unhooked():
-            uninstall_router(state)
+            uninstall_router(state, force=True)
             try:
                 return one_set()
             finally:

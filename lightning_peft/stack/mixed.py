@@ -204,8 +204,11 @@ def install_router(model: nn.Module, state: AdapterState) -> None:
     )
 
 
-def uninstall_router(state: AdapterState) -> None:
-    """Take the hooks off again (called when the model's last adapter set is removed)."""
+def uninstall_router(state: AdapterState, force: bool = False) -> None:
+    """Take the hooks off once the model holds no adapter set (``force``: even if it does; called by
+    :meth:`PeftStack.remove <lightning_peft.stack.PeftStack.remove>`)."""
+    if state.stacks and not force:
+        return
     for handle in state.__dict__.pop(_ROUTER, ()):
         handle.remove()
 

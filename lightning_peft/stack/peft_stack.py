@@ -252,8 +252,7 @@ class PeftStack(StackHandle):
         state.stacks.pop(self.name, None)
         if state.active == self.name:
             state.active = None
-        if not state.stacks:  # the model as it was: no router hooks either
-            uninstall_router(state)
+        uninstall_router(state)  # with the last set gone, the adapter_names hooks go too
 
     def __repr__(self) -> str:
         return f"PeftStack({self.describe_short()} on {type(self.model).__name__})"
