@@ -31,6 +31,7 @@ from lightning_peft.quantization.config import Quantization, bnb_config
 from lightning_peft.quantization.convert import quantize_model
 from lightning_peft.quantization.kbit import prepare_for_kbit_training
 from lightning_peft.stack.arithmetic import combine_adapter_sets
+from lightning_peft.stack.mixed import mixed_batch
 from lightning_peft.stack.optim import create_loraplus_optimizer, loraplus_param_groups
 from lightning_peft.stack.peft_stack import PeftStack, apply_peft
 from lightning_peft.stack.sets import (
@@ -91,6 +92,7 @@ __all__ = [
     "deactivate",
     "disable_adapters",
     "merge_adapter_set",
+    "mixed_batch",
     "unload",
     "unmerge_adapter_set",
     "apply_peft",

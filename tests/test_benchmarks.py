@@ -19,6 +19,7 @@ SCRIPTS = [  # (argv, a line the script's table must print)
     (["compile_precision.py", "--smoke"], "| llama | lora | ours |"),
     (["loftq_error.py", "--smoke"], "| error removed by loftq_iter=5 |"),
     (["adapter_arithmetic.py", "--smoke"], "| 2 | cat | 8 |"),
+    (["mixed_batch.py", "--smoke"], "| 2 | 4 | peft-mixed |"),
 ]
 
 

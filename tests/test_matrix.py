@@ -250,9 +250,39 @@ def op_resume(cell: Cell, tmp_path) -> None:
     assert any(not torch.equal(a[n], h[n]) for n in a)  # the second epoch changed the adapters
 
 
+def op_mixed_batch(cell: Cell, tmp_path) -> None:
+    """Two sets of the cell's strategies (one when it rewrites the base: PiSSA, LoftQ) and base rows in one
+    forward: each row equals that row alone under its own set, or the base (prompt rows: no base rows)."""
+    from lightning_peft import activate, disable_adapters, mixed_batch
+
+    model, stack = build(cell)
+    names = ["default", "__base__", "default", "__base__"]
+    if not any(s.changes_base for s in stack.strategies):  # a second set, with other values
+        other = apply_peft(model, strategies(cell), quantize=QUANT.get(cell.base), name="b")
+        with torch.no_grad():
+            for p in other.trainable_parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)).to(p.dtype) * 0.2)
+        if cell.precision == "bf16-true":
+            model.to(torch.bfloat16)
+        names = ["default", "__base__", "b", "default"]
+    if cell.strategy == "stack":  # rows with and without virtual tokens cannot share a forward
+        with pytest.raises(PeftConfigError, match="as many virtual tokens"), mixed_batch(model, names):
+            pass
+        names = [n if n != "__base__" else "b" for n in names]
+    batch = {k: torch.cat([v, v.flip(0)]) for k, v in inputs(cell).items()}  # 4 rows
+    with torch.no_grad(), precision_context(cell.precision):
+        mixed = model(**batch, adapter_names=names).logits.float()
+        for i, name in enumerate(names):
+            row = {k: v[i : i + 1] for k, v in batch.items()}
+            with disable_adapters(model) if name == "__base__" else contextlib.nullcontext():
+                if name != "__base__":
+                    activate(model, name)
+                close(mixed[i : i + 1], model(**row).logits.float(), cell.precision, fp32_tol(cell))
+
+
 OPERATIONS = {
     "train": op_train, "merge": op_merge, "export-merged": op_export_merged, "peft-load": op_peft_load,
-    "reload-renamed": op_reload_renamed, "resume": op_resume,
+    "reload-renamed": op_reload_renamed, "resume": op_resume, "mixed-batch": op_mixed_batch,
 }
 
 

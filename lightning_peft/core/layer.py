@@ -150,6 +150,8 @@ class AdaptedLayer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._state.route is not None:  # a mixed-adapter batch: each row its own set (core/routing.py)
+            return self._state.route.layer_forward(self, x, *args, **kwargs)
         active = self._state.active
         if active is None or active in self.merged or active not in self.adapters:
             return self.base_layer(x, *args, **kwargs)

@@ -40,6 +40,8 @@ class AdapterState:
     def __init__(self) -> None:
         self.active: str | None = None
         self.stacks: dict[str, Any] = {}
+        #: a :class:`~lightning_peft.core.routing.RowRoute` during a mixed-adapter forward, else ``None``
+        self.route: Any = None
 
 
 class StackHandle:

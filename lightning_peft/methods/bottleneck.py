@@ -79,6 +79,8 @@ class BottleneckAdapter(nn.Module):
         return h + F.linear(z, self.adapter_up, self.adapter_up_bias).to(h.dtype)
 
     def hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self._state.route is not None:  # a mixed-adapter batch: this set's rows only
+            return self._state.route.module_output(self.set_name, output, self.adapt)
         if self._state.active != self.set_name:
             return None
         if isinstance(output, Tensor):

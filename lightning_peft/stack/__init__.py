@@ -2,6 +2,7 @@
 live side by side on one base, and their arithmetic."""
 
 from lightning_peft.stack.arithmetic import combine_adapter_sets
+from lightning_peft.stack.mixed import BASE, mixed_batch
 from lightning_peft.stack.peft_stack import DEFAULT_SET, PeftStack, apply_peft
 from lightning_peft.stack.sets import (
     activate,
@@ -18,6 +19,7 @@ from lightning_peft.stack.sets import (
 )
 
 __all__ = [
+    "BASE",
     "DEFAULT_SET",
     "PeftStack",
     "activate",
@@ -30,6 +32,7 @@ __all__ = [
     "list_adapter_sets",
     "merge_adapter_set",
     "merged_adapter_set",
+    "mixed_batch",
     "unload",
     "unmerge_adapter_set",
     "using_adapter_set",

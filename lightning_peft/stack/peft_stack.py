@@ -32,6 +32,7 @@ from lightning_peft.quantization.convert import (
 )
 from lightning_peft.quantization.memory import logical_numel, memory_report
 from lightning_peft.quantization.merge import merge_quantized_layer, unmerge_quantized_layer
+from lightning_peft.stack.mixed import install_router, uninstall_router
 from lightning_peft.version import __version__
 
 DEFAULT_SET = "default"
@@ -251,6 +252,7 @@ class PeftStack(StackHandle):
         state.stacks.pop(self.name, None)
         if state.active == self.name:
             state.active = None
+        uninstall_router(state)  # with the last set gone, the adapter_names hooks go too
 
     def __repr__(self) -> str:
         return f"PeftStack({self.describe_short()} on {type(self.model).__name__})"
@@ -358,6 +360,7 @@ def apply_peft(
     from lightning_peft.stack.sets import adopt_new_set
 
     adopt_new_set(state, stack)  # the new set becomes active; in-place trained tensors start from the base
+    install_router(model, state)  # model(..., adapter_names=[...]): a mixed-adapter batch (stack/mixed.py)
     return stack
 
 

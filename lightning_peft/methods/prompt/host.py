@@ -200,16 +200,24 @@ class PromptHost(nn.Module):
         return sum(p.num_virtual_tokens for p in self.sets[set_name].values()) if set_name in self.sets else 0
 
     def _active(self) -> list[PromptProvider] | None:
-        active = self._state.active
+        """The active set's providers; in a mixed-adapter batch the first routed set's (all have as many
+        virtual tokens, which :mod:`lightning_peft.stack.mixed` checks)."""
+        route = self._state.route
+        active = self._state.active if route is None else next((s for s in route.sets if s in self.sets), None)
         if active is None or active not in self.sets:
             return None
         return list(self.sets[active].values())
 
+    def _set_prompt(self, set_name: str) -> Tensor:
+        parts = [p() for p in self.sets[set_name].values()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
     def prompt(self, batch: int, dtype: torch.dtype) -> Tensor:
-        """The active set's virtual tokens as a (batch, n, dim) tensor."""
-        parts = [p() for p in self._active() or []]
-        prompt = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return prompt.to(dtype).unsqueeze(0).expand(batch, -1, -1)
+        """The active set's virtual tokens as a (batch, n, dim) tensor (each row its own set's when mixed)."""
+        route = self._state.route
+        if route is not None:
+            return route.per_row({s: self._set_prompt(s) for s in route.groups if s in self.sets}).to(dtype)
+        return self._set_prompt(self._state.active).to(dtype).unsqueeze(0).expand(batch, -1, -1)
 
     def _as_kwargs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs = dict(kwargs)
