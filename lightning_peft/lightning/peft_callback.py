@@ -111,7 +111,9 @@ class PEFT(Callback):
 
         Args:
             dirpath: the adapter folder.
-            model_attr, name, gradient_checkpointing: as for :class:`PEFT`; the set is loaded under ``name``.
+            model_attr: as for :class:`PEFT`.
+            name: the set is loaded under this name (as for :class:`PEFT`).
+            gradient_checkpointing: as for :class:`PEFT`.
             replace: whether a different set already named ``name`` on the module is replaced (see :class:`PEFT`).
 
         Example:
