@@ -85,10 +85,11 @@ CASES = {
     "ia3": (tiny_llama, lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                                feedforward_modules=["down_proj"])),
     "prompt-tuning": (tiny_llama, lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
+    "bert-seq-cls-prompt": (tiny_bert, lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
     "p-tuning": (tiny_llama, lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
                                                               encoder_hidden_size=16)),
 }
-EXPECTED = {"adalora-pruned": "adalora", "ia3": "ia3", "prompt-tuning": "prompt_tuning", "p-tuning": "prompt_tuning"}
+EXPECTED = {"adalora-pruned": "adalora", "bert-seq-cls-prompt": "prompt_tuning", "ia3": "ia3", "prompt-tuning": "prompt_tuning", "p-tuning": "prompt_tuning"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -109,7 +110,7 @@ def test_import_matches_peft(case, tmp_path):
         assert any("P_TUNING" in str(w.message) for w in caught) == (case == "p-tuning")
     assert (ours - theirs).abs().max().item() <= 1e-5
     assert (ours - _logits(make())).abs().max().item() > 1e-3  # the adapters do change the outputs
-    if case == "bert-seq-cls-head":  # the head peft saves in full: unfrozen here, with its trained weights
+    if case.startswith("bert-seq-cls"):  # the head peft saves in full: unfrozen here, with its trained weights
         assert stack.unfreeze == ["classifier"]
         assert all(p.requires_grad for p in model.classifier.parameters())
     if case == "adalora-pruned":  # the triplets peft pruned stay masked, the kept ones are in place
@@ -362,6 +363,22 @@ def test_peft_from_pretrained_continues_training_a_peft_folder_and_resumes(tmp_p
     a, b, h = ({n: p for n, p in m.named_parameters() if p.requires_grad} for m in (straight, resumed, half))
     assert a.keys() == b.keys() and a and all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], h[n]) for n in a)
+
+
+def test_peft_from_pretrained_loads_our_own_folders_under_its_name(tmp_path):
+    from lightning_peft import IA3
+    from lightning_peft.callbacks import PEFT
+    from tests.helpers import CausalLMModule, lm_data, loader, trainer
+
+    model, stack = _perturbed([IA3(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])])
+    save_adapters(model, tmp_path / "ours")
+    module = CausalLMModule(model=tiny_llama(), lr=1e-2)
+    callback = PEFT.from_pretrained(tmp_path / "ours", model_attr="model", name="task")
+    trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(module, loader(lm_data(n=8, length=8), batch_size=4))
+    assert callback.stack.name == "task" and list(get_state(module.model).stacks) == ["task"]
+    saved = stack.adapter_state_dict()
+    trained = {k.replace(".task.", ".default."): v for k, v in callback.stack.adapter_state_dict().items()}
+    assert trained.keys() == saved.keys() and any(not torch.equal(trained[k], saved[k]) for k in saved)
 
 
 def test_peft_from_pretrained_errors_come_before_the_model_changes(tmp_path):

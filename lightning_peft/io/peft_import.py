@@ -30,11 +30,12 @@ from lightning_peft.core.state import get_state
 from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
 from lightning_peft.io.peft_common import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, hf_model_root
 from lightning_peft.methods.base import Strategy
-from lightning_peft.methods.peft_protocol import peft_importer
+from lightning_peft.methods.peft_protocol import PROMPT_PART, peft_importer
 from lightning_peft.stack.peft_stack import DEFAULT_SET, PeftStack, apply_peft
 
-#: ``peft``'s key prefixes: the tuner's model inside ``PeftModel`` (LoRA, IA3, ...), and the model itself (prompts)
-_KEY_PREFIXES = ("base_model.model.", "base_model.")
+#: ``peft``'s key prefix: the tuner's model inside ``PeftModel`` (LoRA, IA3, ...), or the model itself (prompts)
+_KEY_PREFIX = {PROMPT_PART: "base_model."}
+_DEFAULT_KEY_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -79,19 +80,15 @@ def read_peft_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     return config, tensors
 
 
-def _strip(key: str) -> str:
-    for prefix in _KEY_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
-def _group(tensors: dict[str, Tensor], suffixes: tuple[str, ...]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """Tensors by module and key ending (one of ``suffixes``), and the rest (by key relative to the model)."""
+def _group(tensors: dict[str, Tensor], cls: type[Strategy]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """Tensors by module and key ending (one of the class's ``peft_suffixes``), and the rest (by key relative to
+    the transformers model)."""
+    prefix = _KEY_PREFIX.get(cls.peft_part, _DEFAULT_KEY_PREFIX)  # type: ignore[arg-type]
+    suffixes = tuple(cls.peft_suffixes)
     grouped: dict[str, dict[str, Tensor]] = {}
     rest: dict[str, Tensor] = {}
     for raw, tensor in tensors.items():
-        key = _strip(raw)
+        key = raw.removeprefix(prefix)
         for suffix in sorted(suffixes, key=len, reverse=True):
             if key == suffix or key.endswith("." + suffix):
                 grouped.setdefault(key[: -len(suffix)].rstrip("."), {})[suffix] = tensor
@@ -159,7 +156,7 @@ def plan_peft_import(model: nn.Module, dirpath: str | os.PathLike) -> PeftImport
     config, raw = read_peft_folder(dirpath)
     cls = peft_importer(config.get("peft_type"))
     root, prefix = hf_model_root(model)
-    grouped, rest = _group(raw, tuple(cls.peft_suffixes))
+    grouped, rest = _group(raw, cls)
     strategy = cls.from_peft(config, grouped, prefix)
     modules = dict(root.named_modules())
     states = {}
