@@ -6,16 +6,16 @@ One :class:`PeftPart` per PEFT adapter type, each written as ``adapter_config.js
 ``peft_prompt``, see :mod:`lightning_peft.methods.peft_protocol`), so a strategy a user registers exports too;
 nothing here looks at strategy names.
 
-- ``lora``: the low-rank strategies, e.g. LoRA and AdaLoRA (after pruning), folded into one standard LoRA adapter. Where AdaLoRA adapts a
-  module, its update ``P diag(lambda) Q * alpha / init_r`` is exactly ``B' A'`` with ``A' = (lambda * Q)[kept]``
+- ``lora``: the low-rank strategies, e.g. LoRA and AdaLoRA (after pruning), folded into one standard LoRA
+  adapter. Where AdaLoRA adapts a module, its update ``P diag(lambda) Q * alpha / init_r`` is exactly ``B' A'`` with ``A' = (lambda * Q)[kept]``
   and ``B' = P[:, kept] * alpha / init_r``; where both adapt one module the ranks are concatenated. Per-module
   ranks go to ``rank_pattern`` with one global ``lora_alpha`` (each module's ``rank / r`` folded into its B, so
   readers that ignore ``alpha_pattern`` scale it right too); ``uniform_rank=True`` zero-pads every module to one rank
   with one scale instead (serving engines read a single ``r`` / ``lora_alpha``). LoRA on embeddings and convs
   keeps PEFT's key names and shapes (:mod:`~lightning_peft.io.lora_layout`).
 - ``ia3``: the scaling vectors (``ia3_l``) of one scaling strategy (IA3).
-- ``prompt``: the prompt strategies' final embeddings (``prompt_embeddings``); a P-tuning encoder is evaluated once and
-  stored as plain prompt tuning, so this part cannot resume training (the native files can).
+- ``prompt``: the prompt strategies' final embeddings (``prompt_embeddings``); a P-tuning encoder is evaluated
+  once and stored as plain prompt tuning, so this part cannot resume training (the native files can).
 
 Modules the stack unfreezes become PEFT ``modules_to_save`` of the first part. DoRA's magnitudes are added by
 :mod:`lightning_peft.io.peft_dora`. Nothing here imports ``peft``.
@@ -97,7 +97,8 @@ def _lora_part(
     if len(low) == 1 and own:
         # one strategy with raw factors (plain LoRA): exactly what PEFT itself would save (raw A and B, the user's
         # r, alpha and patterns; PiSSA / OLoRA converted to plain LoRA of the original base by the strategy)
-        r, alpha, rank_pattern, alpha_pattern = (own[0][k] for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"))
+        fields = ("r", "lora_alpha", "rank_pattern", "alpha_pattern")
+        r, alpha, rank_pattern, alpha_pattern = (own[0][k] for k in fields)
         for module, (lr,) in per_module.items():
             keys = lr.names or (None, None)
             for which, tensor, key in (("A", lr.A, keys[0]), ("B", lr.B, keys[1])):
