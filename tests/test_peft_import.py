@@ -394,3 +394,30 @@ def test_peft_from_pretrained_errors_come_before_the_model_changes(tmp_path):
     _untouched(module.model, before)
     with pytest.raises(PeftConfigError, match="dirpath=3 is not valid"):
         PEFT.from_pretrained(3)
+
+
+def test_import_onto_a_lightning_module_finds_the_transformers_model_inside(tmp_path):
+    from tests.helpers import CausalLMModule
+
+    folder = _peft_folder(tiny_llama, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                      rank_pattern={"layers.1.self_attn.q_proj": 1}), tmp_path)
+    module = CausalLMModule(model=tiny_llama())
+    stack = load_adapters(module, folder)
+    assert stack.unfreeze == ["model.lm_head"]
+    assert all(t.startswith("model.model.layers.") for t in stack.applied[0].targets)
+    assert (_logits(module.model) - _peft_logits(tiny_llama, folder)).abs().max().item() <= 1e-5
+
+
+def test_lora_rank_and_alpha_patterns_are_validated_and_follow_peft_rule():
+    from lightning_peft import LoRA
+
+    with pytest.raises(PeftConfigError, match=r"rank_pattern\['v_proj'\]=0 is not valid; expected an integer > 0"):
+        LoRA(rank_pattern={"v_proj": 0})
+    with pytest.raises(PeftConfigError, match="alpha_pattern=\\['v_proj'\\] is not valid; expected a dict"):
+        LoRA(alpha_pattern=["v_proj"])
+    with pytest.raises(PeftConfigError, match="rank_pattern=.* with init_weights='pissa' is not supported"):
+        LoRA(rank_pattern={"v_proj": 2}, init_weights="pissa")
+    lora = LoRA(r=4, alpha=8, rank_pattern={"v_proj": 2}, alpha_pattern={"layers.0.self_attn.v_proj": 6})
+    assert lora.rank_of("model.model.layers.0.self_attn.v_proj") == 2  # a dotted suffix, under any prefix
+    assert lora.rank_of("model.layers.0.self_attn.xv_proj") == 4  # not a dotted suffix
+    assert lora.scaling_of("model.layers.0.self_attn.v_proj") == 3.0 and lora.scaling_of("x.q_proj") == 2.0

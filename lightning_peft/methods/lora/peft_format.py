@@ -19,7 +19,15 @@ from torch import Tensor, nn
 
 from lightning_peft.core.backend import base_kind, base_shape
 from lightning_peft.errors import AdapterStateError, PeftConfigError
-from lightning_peft.methods.peft_protocol import LowRankFactors, check_shape, refuse_options, take
+from lightning_peft.methods.base import check_positive
+from lightning_peft.methods.lora import init
+from lightning_peft.methods.peft_protocol import (
+    LowRankFactors,
+    check_shape,
+    pattern_value,
+    refuse_options,
+    take,
+)
 
 SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 #: the ``init_lora_weights`` values that only set the starting factors (which the folder's tensors replace);
@@ -32,9 +40,6 @@ _READ = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
 
 def check_patterns(lora: Any) -> None:
     """Validate ``rank_pattern`` / ``alpha_pattern`` of a :class:`~lightning_peft.methods.lora.LoRA`."""
-    from lightning_peft.methods.base import check_positive
-    from lightning_peft.methods.lora import init
-
     for argument, integer in (("rank_pattern", True), ("alpha_pattern", False)):
         value = getattr(lora, argument)
         if value is None:
@@ -84,8 +89,6 @@ def lora_kwargs(config: dict[str, Any], tensors: dict[str, dict[str, Tensor]], p
     alphas are resolved with ``peft``'s rule and kept as exact names (relative to the transformers model, which
     the same rule matches under any prefix).
     """
-    from lightning_peft.methods.peft_protocol import pattern_value
-
     refuse_options(config, "peft_type='LORA'", _READ,
                    allowed={"bias": ("none",), "init_lora_weights": PLAIN_INITS})
     if not tensors:
