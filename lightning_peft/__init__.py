@@ -25,6 +25,7 @@ from lightning_peft.methods.base import (
 from lightning_peft.methods.bottleneck import Adapter
 from lightning_peft.methods.ia3 import IA3
 from lightning_peft.methods.lora import LoRA
+from lightning_peft.methods.peft_protocol import register_peft_import
 from lightning_peft.methods.prompt import PromptTuning, PTuning
 from lightning_peft.methods.selective import BitFit, LayerNormTuning, Unfreeze
 from lightning_peft.quantization.config import Quantization, bnb_config
@@ -106,6 +107,7 @@ __all__ = [
     "save_adapters",
     "get_stack",
     "orthogonal_regularization",
+    "register_peft_import",
     "register_strategy",
     "registered_strategies",
     "strategy_from_config",

@@ -26,7 +26,7 @@ BASES = ["linear", "conv1d", "nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "embeddin
 STRATEGIES = ["lora", "lora-rslora", "lora-dropout", "lora-shared-dropout", "lora-dora", "lora-pissa", "lora-loftq",
               "adalora", "ia3", "adapter", "stack"]
 PRECISIONS = ["fp32", "bf16-true", "bf16-mixed", "16-mixed"]  # 16-mixed: fp16 autocast, on the CPU too
-OPERATIONS = ["train", "merge", "export-merged", "peft-load", "reload-renamed", "resume", "mixed-batch"]
+OPERATIONS = ["train", "merge", "export-merged", "peft-load", "peft-import", "reload-renamed", "resume", "mixed-batch"]
 FACTORS = {"base": BASES, "strategy": STRATEGIES, "precision": PRECISIONS, "operation": OPERATIONS}
 
 STRATEGY_TITLES = {
@@ -40,12 +40,15 @@ BASE_TITLES = {
     "fp4": "`Linear4bit` fp4", "fp4-dq": "fp4 + double quant", "int8": "`Linear8bitLt`",
     "embedding": "`nn.Embedding`", "conv2d": "`nn.Conv2d`",
 }
+#: the operations that go through peft's files: ours read by peft, and peft's (written from ours) read by us
+PEFT_OPERATIONS = ("peft-load", "peft-import")
 QUANTIZED = {"nf4", "nf4-dq", "fp4", "fp4-dq", "int8"}
 #: strategies whose deltas sit on linears only (told to adapt an embedding or a conv, they refuse)
 LINEAR_ONLY = {"lora-dora", "lora-pissa", "lora-loftq", "adalora", "ia3"}
 OPERATION_TITLES = {
     "train": "forward + backward", "merge": "merge / unmerge", "export-merged": "`merge_and_export` → reload",
-    "peft-load": "`save_adapters` → `peft`", "reload-renamed": "`load_adapters` under another name",
+    "peft-load": "`save_adapters` → `peft`",
+    "peft-import": "`peft` `save_pretrained` → `load_adapters`", "reload-renamed": "`load_adapters` under another name",
     "resume": "checkpoint → resume", "mixed-batch": "mixed-adapter batch",
 }
 
@@ -86,13 +89,13 @@ def refusal(base: str, strategy: str, operation: str) -> tuple[str, str] | None:
         return REFUSED, "DoRA, the PiSSA and LoftQ inits, AdaLoRA and IA3 adapt linear layers only"
     if strategy == "lora-loftq" and base not in QUANTIZED:
         return REFUSED, "LoftQ fits the adapter to the error of the quantization apply_peft does: it needs quantize="
-    if strategy == "lora-pissa" and base in QUANTIZED and operation == "peft-load":
+    if strategy == "lora-pissa" and base in QUANTIZED and operation in PEFT_OPERATIONS:
         return NATIVE_ONLY, "PiSSA on a quantized base has no exact peft form (the residual's quantization error)"
     if strategy == "adapter" and operation == "export-merged":
         return REFUSED, "a bottleneck adapter cannot be folded into the base weights; use save_adapters"
-    if strategy == "adapter" and operation == "peft-load":
+    if strategy == "adapter" and operation in PEFT_OPERATIONS:
         return NATIVE_ONLY, "peft has no bottleneck adapter"
-    if strategy == "stack" and operation == "peft-load":
+    if strategy == "stack" and operation in PEFT_OPERATIONS:
         return NATIVE_ONLY, "peft cannot stack prompt tuning with LoRA"
     return None
 

@@ -309,9 +309,13 @@ def test_levels_are_an_enum_and_no_code_checks_strategy_names():
 
     assert {cls.level for cls in registered_strategies().values()} <= set(Level)
     assert not _where(r"\.level\s*[!=]=")
-    # the methods themselves, and the PEFT file layout, which names its parts by the registered method names
-    allowed = ("lightning_peft/methods/", "lightning_peft/io/peft_layout.py")
+    # only the methods themselves: the PEFT file layout asks each strategy (Strategy.peft_part and the
+    # peft_* methods, lightning_peft/methods/peft_protocol.py), so a user's strategy exports and imports too
+    allowed = ("lightning_peft/methods/",)
     assert not [p for p in _where(r"\.name\s*[!=]=\s*[\"']") if not p.startswith(allowed)]
+    names = "|".join(re.escape(n) for n in registered_strategies())
+    by_name = rf"(==|!=|\bin)\s*\(?\s*[\"']({names})[\"']|[\"']({names})[\"']\s*,\s*[\"']({names})[\"']"
+    assert not [p for p in _where(by_name) if p.startswith(("lightning_peft/io/", "lightning_peft/lightning/"))]
 
 
 def test_strategies_keep_no_state_on_their_config_while_applying():

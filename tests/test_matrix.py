@@ -196,6 +196,24 @@ def op_peft_load(cell: Cell, tmp_path) -> None:
     close(logits(theirs, cell.precision, cell), ours, cell.precision, fp32_tol(cell))
 
 
+def op_peft_import(cell: Cell, tmp_path) -> None:
+    """Ours -> peft -> peft's save_pretrained -> load_adapters: the logits are ours again."""
+    peft = pytest.importorskip("peft")
+    model, _ = build(cell)
+    ours = logits(model, cell.precision, cell)
+    save_adapters(model, tmp_path / "adapters")
+    theirs = peft.PeftModel.from_pretrained(base_model(cell), str(tmp_path / "adapters"))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    assert not (tmp_path / "peft" / "lightning_peft.json").exists()
+    fresh = base_model(cell)
+    if cell.base in QUANT:
+        quantize_model(fresh, QUANT[cell.base])
+    load_adapters(fresh, tmp_path / "peft")
+    if cell.precision == "bf16-true":
+        fresh.to(torch.bfloat16)
+    close(logits(fresh.eval(), cell.precision, cell), ours, cell.precision, fp32_tol(cell))
+
+
 def op_reload_renamed(cell: Cell, tmp_path) -> None:
     model, _ = build(cell)
     ours = logits(model, cell.precision, cell)
@@ -282,7 +300,8 @@ def op_mixed_batch(cell: Cell, tmp_path) -> None:
 
 OPERATIONS = {
     "train": op_train, "merge": op_merge, "export-merged": op_export_merged, "peft-load": op_peft_load,
-    "reload-renamed": op_reload_renamed, "resume": op_resume, "mixed-batch": op_mixed_batch,
+    "peft-import": op_peft_import, "reload-renamed": op_reload_renamed, "resume": op_resume,
+    "mixed-batch": op_mixed_batch,
 }
 
 

@@ -28,9 +28,16 @@ from torch import Tensor, nn
 
 from lightning_peft.core.backend import base_kind, base_shape
 from lightning_peft.core.layer import AdaptedLinear
-from lightning_peft.core.state import ADAPTER_CONTAINER, DELTAS, PROMPT_HOST, get_stack, get_state
-from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
+from lightning_peft.core.state import ADAPTER_CONTAINER, DELTAS, PROMPT_HOST, get_stack
+from lightning_peft.errors import AdapterStateError, preview
 from lightning_peft.io.atomic import atomic_directory, sha256_file, write_json, write_tensors
+from lightning_peft.io.peft_import import (
+    check_set_name,
+    is_peft_folder,
+    load_peft_folder,
+    make_room,
+    restore_active,
+)
 from lightning_peft.io.peft_layout import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, build_peft_export, hf_root
 from lightning_peft.stack.peft_stack import DEFAULT_SET, PeftStack, apply_kwargs, apply_peft
 
@@ -161,7 +168,7 @@ def read_manifest(dirpath: str | os.PathLike) -> dict[str, Any]:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         hint = (
-            " (it looks like a PEFT adapter: load it with peft.PeftModel.from_pretrained)"
+            " (it looks like a PEFT adapter: load_adapters reads it)"
             if (folder / PEFT_CONFIG_NAME).is_file()
             else ""
         )
@@ -296,8 +303,15 @@ def rename_set_keys(state: dict[str, Tensor], old: str, new: str) -> dict[str, T
     return {pattern.sub(lambda m: f"{m[1]}{m[2]}.{new}{m[3]}", k): v for k, v in state.items()}
 
 
-def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None = None) -> PeftStack:
+def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None = None, *,
+                  replace: bool = False) -> PeftStack:
     """Rebuild the saved stack on a fresh base ``model`` and load its adapter tensors (bit for bit).
+
+    ``dirpath`` may also be a folder Hugging Face ``peft`` wrote (``save_pretrained``: ``adapter_config.json`` and
+    ``adapter_model.safetensors``, no manifest): LoRA (rsLoRA, DoRA, rank / alpha patterns, embeddings, convs,
+    GPT-2 ``Conv1D``), AdaLoRA, IA3, prompt tuning and P-tuning (as prompt tuning with the saved embeddings),
+    with ``modules_to_save`` as unfrozen modules (:mod:`lightning_peft.io.peft_import`). Unsupported types and
+    options are refused by name before the model is touched.
 
     The set can be loaded under any ``name``, whatever name it was saved under: folders written by the ``PEFT``
     callback and ``AdapterExport`` hold the callback's set name (``"default"`` unless ``PEFT(name=...)``), and
@@ -308,9 +322,10 @@ def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None
         model: the base model the adapters were trained on, without them (built or loaded the same way); the
             bare transformers model works too when the adapters were saved from a LightningModule around it.
             It may already hold other adapter sets (see :mod:`lightning_peft.stack.sets`).
-        dirpath: a folder written by :func:`save_adapters` (or the ``AdapterExport`` callback).
-        name: adapter set name to apply under (default: the saved one); a name already on ``model`` is refused
-            (:func:`~lightning_peft.stack.sets.unload` that set first).
+        dirpath: a folder written by :func:`save_adapters` (or the ``AdapterExport`` callback), or by ``peft``.
+        name: adapter set name to apply under (default: the saved one; ``"default"`` for a ``peft`` folder).
+        replace: a set ``name`` already on ``model`` is refused unless ``replace=True``, which unloads it once the
+            folder has been read and checked against the model.
 
     Returns:
         The new stack. Any mismatch (other architecture, sizes, target modules, missing or unexpected tensors,
@@ -320,19 +335,13 @@ def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None
         >>> stack = load_adapters(AutoModelForCausalLM.from_pretrained(base_id), "adapters/")
     """
     folder = Path(dirpath)
+    if not (folder / MANIFEST_NAME).is_file() and is_peft_folder(folder):
+        return load_peft_folder(model, folder, name, replace)
     manifest, prefix = _rebase(read_manifest(folder), model)
     desc = manifest["stack"]
     saved_name = desc.get("name", DEFAULT_SET)
     name = name or saved_name
-    if not isinstance(name, str) or not name.isidentifier():
-        raise PeftConfigError(f"name={name!r} is not valid; use a Python identifier such as 'default' or 'task_a'")
-    existing = get_state(model)
-    if existing is not None and name in existing.stacks:
-        raise PeftConfigError(
-            f"name={name!r} is taken: {type(model).__name__} already has an adapter set named {name!r} "
-            f"({existing.stacks[name].describe_short()}); load under another name=, or unload(model, {name!r}) "
-            "first to replace it"
-        )
+    check_set_name(model, name, replace)
     check_base(model, manifest)
     state = read_adapter_tensors(folder, read_manifest(folder))
     if prefix:
@@ -342,7 +351,7 @@ def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None
     if desc.get("quantization"):
 
         extras = apply_kwargs(desc)
-    previous = getattr(get_state(model), "active", None)  # another adapter set, active again if this load fails
+    previous = make_room(model, name)  # replace=True; another set is active again if this load fails
     stack = apply_peft(
         model,
         desc["strategies"],
@@ -371,10 +380,7 @@ def load_adapters(model: nn.Module, dirpath: str | os.PathLike, name: str | None
         stack.load_adapter_state_dict(state, strict=True)
     except BaseException:
         stack.remove()
-        if previous is not None:
-            from lightning_peft.stack.sets import activate
-
-            activate(model, previous)
+        restore_active(model, previous)
         raise
     return stack
 

@@ -13,11 +13,6 @@ from lightning_peft.stack.peft_stack import PeftStack
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-#: strategies folded into the LoRA part, the IA3 part and the prompt part (by registered name)
-LOW_RANK = ("lora", "adalora")
-SCALING = ("ia3",)
-PROMPT = ("prompt_tuning", "p_tuning")
-#: nesting order for PEFT: inner adapters first, the prompt adapter outermost
 
 
 @dataclass
@@ -41,7 +36,11 @@ class PeftExport:
 
 def hf_root(stack: PeftStack) -> tuple[nn.Module, str]:
     """The transformers model the stack adapts (``stack.model`` or the model inside a LightningModule) + its prefix."""
-    model = stack.model
+    return hf_model_root(stack.model)
+
+
+def hf_model_root(model: nn.Module) -> tuple[nn.Module, str]:
+    """The transformers model ``model`` is or holds (e.g. inside a LightningModule) + its prefix (``"model."``)."""
     if hasattr(model, "config") and hasattr(model, "save_pretrained"):
         return model, ""
     for name, module in model.named_modules():
@@ -95,16 +94,14 @@ def adapted_layers(stack: PeftStack) -> dict[str, AdaptedLinear]:
 
 
 __all__ = [
-    "LOW_RANK",
     "PEFT_CONFIG_NAME",
     "PEFT_WEIGHTS_NAME",
-    "PROMPT",
-    "SCALING",
     "PeftExport",
     "PeftPart",
     "adapted_layers",
     "base_name_or_path",
     "common_config",
+    "hf_model_root",
     "hf_root",
     "task_type",
 ]

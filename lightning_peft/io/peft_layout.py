@@ -1,18 +1,21 @@
 """Hugging Face PEFT's adapter layout: the parts of a stack that ``peft.PeftModel.from_pretrained`` can load.
 
 One :class:`PeftPart` per PEFT adapter type, each written as ``adapter_config.json`` +
-``adapter_model.safetensors`` with PEFT's key names (peft 0.21):
+``adapter_model.safetensors`` with PEFT's key names (peft 0.21). Each strategy says which part holds it
+(``Strategy.peft_part``) and gives its tensors in PEFT's terms (``peft_factors`` / ``peft_scaling`` /
+``peft_prompt``, see :mod:`lightning_peft.methods.peft_protocol`), so a strategy a user registers exports too;
+nothing here looks at strategy names.
 
-- ``lora``: LoRA and AdaLoRA (after pruning) folded into one standard LoRA adapter. Where AdaLoRA adapts a
-  module, its update ``P diag(lambda) Q * alpha / init_r`` is exactly ``B' A'`` with ``A' = (lambda * Q)[kept]``
+- ``lora``: the low-rank strategies, e.g. LoRA and AdaLoRA (after pruning), folded into one standard LoRA
+  adapter. Where AdaLoRA adapts a module, its update ``P diag(lambda) Q * alpha / init_r`` is exactly ``B' A'`` with ``A' = (lambda * Q)[kept]``
   and ``B' = P[:, kept] * alpha / init_r``; where both adapt one module the ranks are concatenated. Per-module
   ranks go to ``rank_pattern`` with one global ``lora_alpha`` (each module's ``rank / r`` folded into its B, so
   readers that ignore ``alpha_pattern`` scale it right too); ``uniform_rank=True`` zero-pads every module to one rank
   with one scale instead (serving engines read a single ``r`` / ``lora_alpha``). LoRA on embeddings and convs
   keeps PEFT's key names and shapes (:mod:`~lightning_peft.io.lora_layout`).
-- ``ia3``: IA3 scaling vectors (``ia3_l``).
-- ``prompt``: the final prompt embeddings (``prompt_embeddings``); a P-tuning encoder is evaluated once and
-  stored as plain prompt tuning, so this part cannot resume training (the native files can).
+- ``ia3``: the scaling vectors (``ia3_l``) of one scaling strategy (IA3).
+- ``prompt``: the prompt strategies' final embeddings (``prompt_embeddings``); a P-tuning encoder is evaluated
+  once and stored as plain prompt tuning, so this part cannot resume training (the native files can).
 
 Modules the stack unfreezes become PEFT ``modules_to_save`` of the first part. DoRA's magnitudes are added by
 :mod:`lightning_peft.io.peft_dora`. Nothing here imports ``peft``.
@@ -21,7 +24,6 @@ Modules the stack unfreezes become PEFT ``modules_to_save`` of the first part. D
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,11 +33,8 @@ from lightning_peft.core.backend import is_conv1d, is_quantized
 from lightning_peft.core.layer import AdaptedLinear
 from lightning_peft.io.lora_layout import pad_rank, peft_lora_key
 from lightning_peft.io.peft_common import (
-    LOW_RANK,
     PEFT_CONFIG_NAME,
     PEFT_WEIGHTS_NAME,
-    PROMPT,
-    SCALING,
     PeftExport,
     PeftPart,
     adapted_layers,
@@ -44,47 +43,21 @@ from lightning_peft.io.peft_common import (
     task_type,
 )
 from lightning_peft.io.peft_dora import add_magnitudes, fold_refusal
-from lightning_peft.methods.base import Level
+from lightning_peft.methods.base import Level, Strategy
+from lightning_peft.methods.peft_protocol import LOW_RANK_PART, PROMPT_PART, SCALING_PART, LowRankFactors
 from lightning_peft.stack.peft_stack import PeftStack
 
 
-# -- low-rank family -------------------------------------------------------------------------------------------
-@dataclass
-class _LowRank:
-    """One strategy's low-rank update on one layer, as ``(B * scale) @ A`` with A (k, in) and B (out, k)."""
-
-    A: Tensor
-    B: Tensor
-    scale: float
-    keys: tuple[str, str] | None = None  # native keys of A and B when they are stored unchanged
-
-
-def _lowrank_of(delta: nn.Module, strategy: str, key_prefix: str) -> _LowRank | None:
-    if strategy == "lora":
-        A, B, keys = delta.lora_A.detach(), delta.lora_B.detach(), (key_prefix + "lora_A", key_prefix + "lora_B")
-        if getattr(delta, "lora_A0", None) is not None:  # PiSSA / OLoRA: the base gave up s B0 A0, so against
-            # the original weights the update is s (B A - B0 A0) = s [B, -B0] [A; A0] (peft's conversion)
-            A, B, keys = torch.cat([A, delta.lora_A0.to(A.dtype)]), torch.cat([B, -delta.lora_B0.to(B.dtype)], 1), None
-        return _LowRank(A, B, float(delta.scaling), keys)
-    if strategy == "adalora":
-        return _adalora_lowrank(delta)
-    return None
-
-
-def _adalora_lowrank(delta: nn.Module) -> _LowRank | None:
-    """Kept triplets of an AdaLoRA delta: ``A' = (E * A)[kept]``, ``B' = B[:, kept]``, scale ``alpha / init_r``."""
-    kept = delta.adalora_mask.detach().reshape(-1).bool()
-    E = delta.adalora_E.detach().reshape(-1)
-    A = (delta.adalora_A.detach() * E.view(-1, 1))[kept]
-    B = delta.adalora_B.detach()[:, kept]
-    return _LowRank(A, B, float(delta.scaling))
+# -- low-rank part ----------------------------------------------------------------------------------------------
+def _low_rank(stack: PeftStack) -> list[Strategy]:
+    return [s for s in stack.strategies if s.peft_part == LOW_RANK_PART]
 
 
 def _conversion_refusal(stack: PeftStack) -> str | None:
     """Why a PiSSA / OLoRA stack has no exact PEFT form: on a quantized base, the update against the original
     weights (which PEFT loads quantized) misses the residual's own quantization error."""
-    lora = next((s for s in stack.strategies if s.name == "lora"), None)
-    if lora is not None and lora.keeps_initial_factors and any(is_quantized(layer.base_layer) for layer in adapted_layers(stack).values()):
+    converted = any(getattr(s, "keeps_initial_factors", False) for s in _low_rank(stack))
+    if converted and any(is_quantized(layer.base_layer) for layer in adapted_layers(stack).values()):
         return ("PiSSA / OLoRA on a quantized base: PEFT's layout holds the update against the original weights, "
                 "which differ from this quantized residual by its quantization error (kept in the native files "
                 "only; merge_and_export writes the adapted model in full precision)")
@@ -94,18 +67,21 @@ def _conversion_refusal(stack: PeftStack) -> str | None:
 def _lora_part(
     stack: PeftStack, root: nn.Module, prefix: str, native: dict[str, Tensor], uniform_rank: bool
 ) -> PeftPart | None:
-    names = [s.name for s in stack.strategies if s.name in LOW_RANK]
+    low = {s.name: s for s in _low_rank(stack)}
+    names = list(low)
     if not names:
         return None
-    per_module: dict[str, list[_LowRank]] = {}
+    per_module: dict[str, list[LowRankFactors]] = {}
     layers: dict[str, AdaptedLinear] = {}
     conv1d = False
     for name, layer in adapted_layers(stack).items():
         parts = []
         for strategy, delta in layer.adapters[stack.name].items():
-            if strategy in LOW_RANK:
-                lr = _lowrank_of(delta, strategy, f"{name}.adapters.{stack.name}.{strategy}.")
+            if strategy in low:
+                lr = low[strategy].peft_factors(delta)
                 if lr is not None and lr.A.shape[0] > 0:
+                    if lr.names is not None:  # native keys of A and B when stored unchanged
+                        lr.names = tuple(f"{name}.adapters.{stack.name}.{strategy}.{n}" for n in lr.names)
                     parts.append(lr)
         if parts:
             per_module[name.removeprefix(prefix)] = parts
@@ -113,24 +89,24 @@ def _lora_part(
             conv1d = conv1d or is_conv1d(layer.base_layer)
     if not per_module:
         return None
-    lora = next((s for s in stack.strategies if s.name == "lora"), None)
     tensors: dict[str, Tensor] = {}
     verbatim: dict[str, str] = {}
     config: dict[str, Any] = {"peft_type": "LORA"}
-    if names == ["lora"] and lora is not None:
-        # plain LoRA: exactly what PEFT itself would save (raw A and B, the user's r and alpha); PiSSA / OLoRA
-        # converted to plain LoRA of the original base at rank 2r, as PEFT converts them (alpha doubled with it)
-        r, alpha, rank_pattern, alpha_pattern = lora.r, lora.alpha, {}, {}
-        if lora.keeps_initial_factors:
-            r, alpha = 2 * r, alpha * (2**0.5 if lora.use_rslora else 2)
+    own = [c for s in low.values() if (c := s.peft_config()) is not None]  # strategies stored as peft stores them
+    dropout = own[0]["lora_dropout"] if own else 0.0
+    if len(low) == 1 and own:
+        # one strategy with raw factors (plain LoRA): exactly what PEFT itself would save (raw A and B, the user's
+        # r, alpha and patterns; PiSSA / OLoRA converted to plain LoRA of the original base by the strategy)
+        fields = ("r", "lora_alpha", "rank_pattern", "alpha_pattern")
+        r, alpha, rank_pattern, alpha_pattern = (own[0][k] for k in fields)
         for module, (lr,) in per_module.items():
-            keys = lr.keys or (None, None)
+            keys = lr.names or (None, None)
             for which, tensor, key in (("A", lr.A, keys[0]), ("B", lr.B, keys[1])):
                 peft_key = peft_lora_key(module, which, layers[module])
                 tensors[peft_key] = tensor
                 if key in native:
                     verbatim[peft_key] = key
-        use_rslora = lora.use_rslora
+        use_rslora = own[0]["use_rslora"]
     else:
         # folded: each module's factors concatenated along the rank with the scale moved into B; alpha = r
         folded = {}
@@ -163,7 +139,7 @@ def _lora_part(
         {
             "r": r,
             "lora_alpha": alpha,
-            "lora_dropout": float(lora.dropout) if lora is not None else 0.0,
+            "lora_dropout": dropout,
             "target_modules": sorted(per_module),
             "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern,
@@ -178,12 +154,12 @@ def _lora_part(
             "exclude_modules": None,
         }
     )
-    return PeftPart("lora", config, tensors, verbatim, names)
+    return PeftPart(LOW_RANK_PART, config, tensors, verbatim, names)
 
 
 # -- IA3 -------------------------------------------------------------------------------------------------------
 def _ia3_part(stack: PeftStack, root: nn.Module, prefix: str, native: dict[str, Tensor]) -> PeftPart | None:
-    strategy = next((s for s in stack.strategies if s.name in SCALING), None)
+    strategy = next((s for s in stack.strategies if s.peft_part == SCALING_PART), None)
     if strategy is None:
         return None
     tensors: dict[str, Tensor] = {}
@@ -193,15 +169,15 @@ def _ia3_part(stack: PeftStack, root: nn.Module, prefix: str, native: dict[str, 
         group = layer.adapters[stack.name]
         if strategy.name not in group:
             continue
-        delta = group[strategy.name]
+        scaling = strategy.peft_scaling(group[strategy.name])
         module = name.removeprefix(prefix)
         targets.append(module)
-        if delta.feedforward:  # PEFT's layout: (1, in) scales the input of feed-forward layers, else (out, 1)
+        if scaling.feedforward:  # PEFT's layout: (1, in) scales the input of feed-forward layers, else (out, 1)
             feedforward.append(module)
         peft_key = f"base_model.model.{module}.ia3_l"
-        tensors[peft_key] = delta.ia3_l.detach()
-        native_key = f"{name}.adapters.{stack.name}.{strategy.name}.ia3_l"
-        if native_key in native:
+        tensors[peft_key] = scaling.vector
+        native_key = f"{name}.adapters.{stack.name}.{strategy.name}.{scaling.name}"
+        if scaling.name is not None and native_key in native:
             verbatim[peft_key] = native_key
     if not targets:
         return None
@@ -214,7 +190,7 @@ def _ia3_part(stack: PeftStack, root: nn.Module, prefix: str, native: dict[str, 
         "modules_to_save": None,
         "init_ia3_weights": True,
     }
-    return PeftPart("ia3", config, tensors, verbatim, [strategy.name])
+    return PeftPart(SCALING_PART, config, tensors, verbatim, [strategy.name])
 
 
 # -- prompt tuning ---------------------------------------------------------------------------------------------
@@ -225,17 +201,10 @@ def prompt_part_of(
     providers = [
         (s, m) for s, a in zip(stack.strategies, stack.applied) if s.level is Level.INPUT for m in a.modules
     ]
-    if not providers or any(s.name not in PROMPT for s, _ in providers):
+    if not providers or any(s.peft_part != PROMPT_PART for s, _ in providers):
         return None
-    rows = []
-    with torch.no_grad():
-        for _, provider in providers:  # concatenated in stack order, as the prompt host does
-            training = provider.training
-            provider.eval()  # a P-tuning encoder's dropout is off at inference
-            try:
-                rows.append(provider().detach().float())
-            finally:
-                provider.train(training)
+    # concatenated in stack order, as the prompt host does (a P-tuning encoder's dropout is off at inference)
+    rows = [s.peft_prompt(provider) for s, provider in providers]
     embeddings = torch.cat(rows, 0).contiguous()
     names = [s.name for s, _ in providers]
     config_obj = getattr(root, "config", None)
@@ -251,7 +220,7 @@ def prompt_part_of(
         "prompt_tuning_init": "RANDOM",
         "modules_to_save": None,
     }
-    return PeftPart("prompt", config, {"prompt_embeddings": embeddings}, {}, names)
+    return PeftPart(PROMPT_PART, config, {"prompt_embeddings": embeddings}, {}, names)
 
 
 # -- modules_to_save -------------------------------------------------------------------------------------------
@@ -305,7 +274,7 @@ def _add_modules_to_save(
 def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank: bool = False) -> PeftExport:
     """Everything of ``stack`` PEFT's format can hold, as parts in nesting order, plus what it cannot."""
     root, prefix = hf_root(stack)
-    refusal = fold_refusal([s for s in stack.strategies if s.name in LOW_RANK]) or _conversion_refusal(stack)
+    refusal = fold_refusal(_low_rank(stack)) or _conversion_refusal(stack)
     lora = None if refusal else _lora_part(stack, root, prefix, native, uniform_rank)
     add_magnitudes(lora, stack, prefix, native)
     parts = [
@@ -319,7 +288,7 @@ def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank:
     ]
     covered = {n for p in parts for n in p.strategies}
     skipped = {
-        s.name: refusal if refusal and s.name in LOW_RANK
+        s.name: refusal if refusal and s.peft_part == LOW_RANK_PART
         else f"PEFT has no format for {type(s).__name__} (kept in the native files only)"
         for s in stack.strategies
         if s.name not in covered
@@ -330,7 +299,7 @@ def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank:
     elif modules and not parts and stack.unfreeze:
         skipped["unfreeze"] = "PEFT's modules_to_save needs a PEFT adapter to belong to"
     for part in parts:  # every part carries them: PEFT's SEQ_CLS models insist on their heads
-        if part.name != "prompt":
+        if part.name != PROMPT_PART:
             key_prefix = "base_model.model."
         elif len(parts) > 1:  # the prompt adapter is loaded around the inner PeftModel (see the README)
             key_prefix = "base_model.base_model.model."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +54,9 @@ class PEFT(Callback):
             set (its trained weights are lost) and applies this callback's. The same configuration found again
             (fitting the same module twice, resuming) is kept either way.
 
+    To continue training adapters saved earlier (a :func:`~lightning_peft.io.adapters.save_adapters` folder, or
+    one Hugging Face ``peft`` wrote), build the callback with :meth:`PEFT.from_pretrained`.
+
     Several ``PEFT`` callbacks can share a Trainer when each adapts its own model (``model_attr``); every
     checkpoint holds all their adapters and each callback's state is stored under its own ``state_key``. Two
     callbacks on one model (or on a model and a part of it) are refused: a model computes with one adapter set
@@ -85,6 +89,42 @@ class PEFT(Callback):
         self.model_attr = model_attr
         self.name = name
         self.stack: PeftStack | None = None
+        #: an adapter folder ``setup`` loads instead of applying ``strategies`` (see :meth:`from_pretrained`)
+        self.pretrained: str | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        dirpath: str | os.PathLike,
+        model_attr: str | None = None,
+        name: str = DEFAULT_SET,
+        gradient_checkpointing: bool = False,
+        replace: bool = False,
+    ) -> PEFT:
+        """A callback that continues training the adapters in ``dirpath``.
+
+        In ``setup`` it loads the folder onto the module's model with
+        :func:`~lightning_peft.io.adapters.load_adapters` (a folder written by ``save_adapters`` or
+        ``AdapterExport``, or by Hugging Face ``peft``'s ``save_pretrained``) instead of applying fresh strategies;
+        the loaded stack then trains, checkpoints adapter-only and resumes like any other. The folder is read only
+        when ``setup`` runs, and every load error is raised there, before the model changes.
+
+        Args:
+            dirpath: the adapter folder.
+            model_attr: as for :class:`PEFT`.
+            name: the set is loaded under this name (as for :class:`PEFT`).
+            gradient_checkpointing: as for :class:`PEFT`.
+            replace: whether a different set already named ``name`` on the module is replaced (see :class:`PEFT`).
+
+        Example:
+            >>> trainer = L.Trainer(callbacks=[PEFT.from_pretrained("peft-adapter/", model_attr="model")])
+        """
+        if not isinstance(dirpath, (str, os.PathLike)):
+            raise PeftConfigError(f"dirpath={dirpath!r} is not valid; expected the path of an adapter folder")
+        callback = cls([], model_attr=model_attr, name=name, gradient_checkpointing=gradient_checkpointing,
+                       replace=replace)
+        callback.pretrained = os.fspath(dirpath)
+        return callback
 
     def __repr__(self) -> str:
         return f"PEFT(name={self.name!r}, model_attr={self.model_attr!r})"
@@ -163,17 +203,30 @@ class PEFT(Callback):
             stack = None
         if stack is None:
             target = peft_target(pl_module, self.model_attr)
-            # quantize on the GPU, not the CPU, unless a strategy must read the full-precision weights first
-            # (LoftQ, PiSSA: apply_peft then quantizes, after them)
-            if (self._quantize is not None and self._quantize_device is not None
-                    and not any(s.changes_base for s in self.strategies)):
-                quantize_on_device(target, self._quantize, self.unfreeze, self._quantize_device)
-            stack = apply_peft(target, self.strategies, unfreeze=self.unfreeze, name=self.name,
-                               quantize=self._quantize)
+            if self.pretrained is not None:
+                stack = self._load_pretrained(target)
+            else:
+                # quantize on the GPU, not the CPU, unless a strategy must read the full-precision weights first
+                # (LoftQ, PiSSA: apply_peft then quantizes, after them)
+                if (self._quantize is not None and self._quantize_device is not None
+                        and not any(s.changes_base for s in self.strategies)):
+                    quantize_on_device(target, self._quantize, self.unfreeze, self._quantize_device)
+                stack = apply_peft(target, self.strategies, unfreeze=self.unfreeze, name=self.name,
+                                   quantize=self._quantize)
             if stack.quantization is not None or self.gradient_checkpointing:
                 prepare_for_kbit_training(target, gradient_checkpointing=self.gradient_checkpointing)
         self.stack = stack
         install_checkpoint_hooks(pl_module, lambda: self.stack, self.model_attr)
+        return stack
+
+    def _load_pretrained(self, target: nn.Module) -> PeftStack:
+        from lightning_peft.io.adapters import load_adapters
+
+        stack = load_adapters(target, self.pretrained, name=self.name)  # type: ignore[arg-type]
+        # from now on this callback's configuration is the loaded one (a second fit or a resume keeps the set)
+        self.strategies = list(stack.strategies)
+        self.unfreeze = list(stack.unfreeze) or None
+        self._quantize = stack.quantization
         return stack
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

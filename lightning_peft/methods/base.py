@@ -20,6 +20,7 @@ from lightning_peft.core.layer import AdaptedLayer, Delta, adapt_layer, restore_
 from lightning_peft.core.state import AdapterState
 from lightning_peft.core.targets import resolve_targets
 from lightning_peft.errors import PeftConfigError, preview
+from lightning_peft.methods.peft_protocol import LowRankFactors, ScalingVector, register_peft_import
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -77,6 +78,57 @@ class Strategy:
     #: names of the parameters that play B's role in a ``B A`` factorization (the factor that starts at zero and
     #: maps the small inner dimension back out); LoRA+ gives them a larger learning rate
     up_factors: ClassVar[tuple[str, ...]] = ()
+    #: which part of ``peft``'s layout holds the strategy (:mod:`lightning_peft.methods.peft_protocol`:
+    #: ``LOW_RANK_PART``, ``SCALING_PART``, ``PROMPT_PART``); ``None``: ``peft`` has no format for it
+    peft_part: ClassVar[str | None] = None
+    #: the ``peft_type`` values of ``adapter_config.json`` this class builds itself from (:meth:`from_peft`)
+    peft_types: ClassVar[tuple[str, ...]] = ()
+    #: the endings of ``peft``'s tensor keys this strategy reads per module (``"lora_A.weight"``); a key equal to
+    #: one of them belongs to the model as a whole (module ``""``: a prompt's ``"prompt_embeddings"``)
+    peft_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    # -- peft's layout, both directions (see :mod:`lightning_peft.methods.peft_protocol`) --------------------
+    def peft_factors(self, delta: nn.Module) -> LowRankFactors | None:
+        """Export (``peft_part == LOW_RANK_PART``): ``delta``'s update as ``(B * scale) @ A``; ``None`` if empty."""
+        raise NotImplementedError(f"{type(self).__name__} has no low-rank form for peft's layout")
+
+    def peft_scaling(self, delta: nn.Module) -> ScalingVector:
+        """Export (``peft_part == SCALING_PART``): ``delta``'s scaling vector in ``peft``'s IA3 layout."""
+        raise NotImplementedError(f"{type(self).__name__} has no scaling vector for peft's layout")
+
+    def peft_prompt(self, provider: nn.Module) -> Tensor:
+        """Export (``peft_part == PROMPT_PART``): the (num_virtual_tokens, dim) embeddings ``provider`` prepends."""
+        raise NotImplementedError(f"{type(self).__name__} has no prompt embeddings for peft's layout")
+
+    def peft_config(self) -> dict[str, Any] | None:
+        """Export: the ``adapter_config.json`` fields of a part holding only this strategy when its
+        :meth:`peft_factors` are stored unchanged (plain LoRA: ``r``, ``lora_alpha``, patterns, ...); ``None``
+        (default) folds each module's scale into ``B`` and writes ``lora_alpha = r``."""
+        return None
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any], tensors: dict[str, dict[str, Tensor]], prefix: str = "") -> Strategy:
+        """Import: the strategy a ``peft`` folder describes.
+
+        Args:
+            config: the folder's ``adapter_config.json``.
+            tensors: the folder's tensors by module name (relative to the transformers model, as ``peft`` names
+                them) and key ending (one of :attr:`peft_suffixes`).
+            prefix: where that transformers model sits in the model the stack is applied to (``"model."`` inside a
+                LightningModule); target names must carry it.
+
+        Raises:
+            PeftConfigError: naming the first option that changes the computation and is not supported.
+        """
+        raise NotImplementedError(f"{cls.__name__} does not import peft folders")
+
+    def peft_state(self, module: str, base: nn.Module | None, tensors: dict[str, Tensor],
+                   config: dict[str, Any]) -> dict[str, Tensor]:
+        """Import: ``peft``'s tensors of ``module`` (keys: :attr:`peft_suffixes`) as the state dict of the delta
+        (or prompt provider) this strategy puts there, checked against ``base`` (the module's base layer, or the
+        input embedding for module ``""``); an :class:`~lightning_peft.errors.AdapterStateError` names the module
+        and both shapes on a mismatch."""
+        raise NotImplementedError(f"{type(self).__name__} does not import peft folders")
 
     def plan(self, model: nn.Module, ctx: ApplyContext) -> Any:
         """Resolve targets and check the config against ``model``; must not modify the model."""
@@ -124,6 +176,8 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
             raise ValueError(
                 f"parameter prefix {cls.prefix!r} of {cls.__name__} is already used by {other.__name__}"
             )
+    for peft_type in cls.peft_types:
+        register_peft_import(peft_type, cls)
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_peft.core.backend import base_shape
 from lightning_peft.core.layer import AdaptedLinear, Delta
 from lightning_peft.core.targets import check_patterns, name_matches, resolve_targets
-from lightning_peft.errors import PeftConfigError, preview
+from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
 from lightning_peft.methods.base import Applied, ApplyContext, LayerStrategy, register_strategy
+from lightning_peft.methods.peft_protocol import (
+    SCALING_PART,
+    ScalingVector,
+    check_shape,
+    refuse_options,
+    take,
+)
 
 #: PEFT's defaults per model type: (target_modules, feedforward_modules); keys, values and the FFN output
 DEFAULT_TARGETS: dict[str, tuple[list[str], list[str]]] = {
@@ -76,6 +85,9 @@ class IA3(LayerStrategy):
 
     name = "ia3"
     prefix = "ia3_"
+    peft_part = SCALING_PART
+    peft_types = ("IA3",)
+    peft_suffixes = ("ia3_l",)
 
     target_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
@@ -129,3 +141,37 @@ class IA3(LayerStrategy):
     def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> IA3Delta:
         feedforward = applied.extra["feedforward"][name]
         return IA3Delta(layer.in_features, layer.out_features, feedforward, self.init_weights)
+
+    # -- peft's layout (the same vector layout both ways) -----------------------------------------------------
+    def peft_scaling(self, delta: nn.Module) -> ScalingVector:
+        return ScalingVector(delta.ia3_l.detach(), bool(delta.feedforward), "ia3_l")
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any], tensors: dict[str, dict[str, Tensor]], prefix: str = "") -> IA3:
+        """An IA3 ``peft`` folder; a module is feed-forward (its vector scales the input) when its vector is
+        (1, in), as ``peft`` shapes it, else by ``feedforward_modules`` (a (1, 1) vector)."""
+        refuse_options(config, "peft_type='IA3'",
+                       ("target_modules", "feedforward_modules", "exclude_modules", "init_ia3_weights"))
+        ff_spec = config.get("feedforward_modules") or []
+        feedforward = []
+        for module, group in sorted(tensors.items()):
+            (vector,) = take(group, module, "ia3_l")
+            if vector.dim() != 2 or 1 not in vector.shape:
+                raise AdapterStateError(f"ia3_l of {module!r} has shape {tuple(vector.shape)}; peft's is (1, in) "
+                                        "or (out, 1)")
+            if vector.shape == (1, 1):
+                ff = re.fullmatch(ff_spec, module) is not None if isinstance(ff_spec, str) else any(
+                    module.endswith(k) for k in ff_spec)
+            else:
+                ff = vector.shape[0] == 1
+            if ff:
+                feedforward.append(prefix + module)
+        return cls(target_modules=[prefix + m for m in sorted(tensors)], feedforward_modules=feedforward or None)
+
+    def peft_state(self, module: str, base: nn.Module | None, tensors: dict[str, Tensor],
+                   config: dict[str, Any]) -> dict[str, Tensor]:
+        n_in, n_out = base_shape(base)  # type: ignore[arg-type]
+        ff = any(f == module or f.endswith("." + module) for f in self.feedforward_modules or [])
+        (vector,) = take(tensors, module, "ia3_l")
+        check_shape(module, "ia3_l", vector, (1, n_in) if ff else (n_out, 1))
+        return {"ia3_l": vector}

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_peft.core.backend import base_shape
 from lightning_peft.core.layer import AdaptedLinear, Delta
 from lightning_peft.core.state import get_stack
 from lightning_peft.core.targets import ALL_LINEAR, check_patterns
-from lightning_peft.errors import PeftConfigError
+from lightning_peft.errors import AdapterStateError, PeftConfigError
 from lightning_peft.methods.adalora.regularizer import orthogonal_penalty
 from lightning_peft.methods.base import (
     Applied,
@@ -32,6 +33,13 @@ from lightning_peft.methods.base import (
     check_positive,
     check_probability,
     register_strategy,
+)
+from lightning_peft.methods.peft_protocol import (
+    LOW_RANK_PART,
+    LowRankFactors,
+    check_shape,
+    refuse_options,
+    take,
 )
 from lightning_peft.ops.dropout import project
 from lightning_peft.ops.lowrank import lowrank_linear
@@ -146,6 +154,9 @@ class AdaLoRA(LayerStrategy):
     prefix = "adalora_"
     up_factors = ("adalora_B",)
     loss_term = "adalora/orth_reg"
+    peft_part = LOW_RANK_PART
+    peft_types = ("ADALORA",)
+    peft_suffixes = ("lora_A", "lora_E", "lora_B")
 
     init_r: int = 12
     target_r: int = 8
@@ -191,6 +202,52 @@ class AdaLoRA(LayerStrategy):
     def make_delta(self, layer: AdaptedLinear, name: str, applied: Applied) -> AdaLoRADelta:
         flag = applied.extra["allocation_flag"]
         return AdaLoRADelta(layer.in_features, layer.out_features, self.init_r, self.scaling, self.dropout, flag)
+
+    # -- peft's layout ---------------------------------------------------------------------------------------
+    def peft_factors(self, delta: nn.Module) -> LowRankFactors:
+        """Kept triplets: ``A' = (E * A)[kept]``, ``B' = B[:, kept]``, scale ``alpha / init_r`` (folded into a
+        LoRA part: ``peft``'s own AdaLoRA layout needs its allocator's state)."""
+        kept = delta.adalora_mask.detach().reshape(-1).bool()
+        E = delta.adalora_E.detach().reshape(-1)
+        return LowRankFactors((delta.adalora_A.detach() * E.view(-1, 1))[kept], delta.adalora_B.detach()[:, kept],
+                              float(delta.scaling))
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any], tensors: dict[str, dict[str, Tensor]], prefix: str = "") -> AdaLoRA:
+        """An AdaLoRA ``peft`` folder: ``init_r``, ``target_r``, ``lora_alpha``, dropout, betas and the orthogonal
+        weight carry over; the allocator schedule (``tinit``, ``tfinal``, ``deltaT``, ``total_step``) is the
+        :class:`~lightning_peft.lightning.rank_budget.RankBudgetScheduler`'s to give when training on."""
+        refuse_options(config, "peft_type='ADALORA'",
+                       ("init_r", "target_r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                        "beta1", "beta2", "orth_reg_weight", "tinit", "tfinal", "deltaT", "total_step",
+                        "rank_pattern", "r"),
+                       allowed={"bias": ("none",), "init_lora_weights": (True, False)})
+        if not tensors:
+            raise AdapterStateError("the peft AdaLoRA folder holds no lora_A / lora_E / lora_B tensors")
+        init_r = config.get("init_r", 12)
+        return cls(init_r=init_r, target_r=min(config.get("target_r", 8), init_r), alpha=config.get("lora_alpha", 8),
+                   dropout=float(config.get("lora_dropout") or 0.0), target_modules=[prefix + m for m in sorted(tensors)],
+                   beta1=config.get("beta1", 0.85), beta2=config.get("beta2", 0.85),
+                   orth_reg_weight=config.get("orth_reg_weight", 0.5))
+
+    def peft_state(self, module: str, base: nn.Module | None, tensors: dict[str, Tensor],
+                   config: dict[str, Any]) -> dict[str, Tensor]:
+        """``peft`` saves only the kept triplets when its ``rank_pattern`` (a boolean list of length ``init_r`` per
+        ``<module>.lora_E``) is set: they go back to their positions, the pruned ones stay zero and masked."""
+        n_in, n_out = base_shape(base)  # type: ignore[arg-type]
+        pattern = config.get("rank_pattern") or {}
+        kept = pattern.get(f"{module}.lora_E", pattern.get(f"{module}.lora_E.default"))
+        mask = torch.ones(self.init_r, dtype=torch.bool) if kept is None else torch.tensor(kept, dtype=torch.bool)
+        if mask.numel() != self.init_r:
+            raise AdapterStateError(f"rank_pattern of {module!r} has {mask.numel()} entries, init_r={self.init_r}")
+        k = int(mask.sum())
+        A, E, B = take(tensors, module, "lora_A", "lora_E", "lora_B")
+        for what, t, shape in (("lora_A", A, (k, n_in)), ("lora_E", E, (k, 1)), ("lora_B", B, (n_out, k))):
+            check_shape(module, what, t, shape)
+        full_A, full_E = A.new_zeros(self.init_r, n_in), E.new_zeros(self.init_r, 1)
+        full_B = B.new_zeros(n_out, self.init_r)
+        full_A[mask], full_E[mask], full_B[:, mask] = A, E, B
+        return {"adalora_A": full_A, "adalora_E": full_E, "adalora_B": full_B, "adalora_mask": mask}
 
 
 # -- finding the AdaLoRA part of a model ---------------------------------------------------------------------

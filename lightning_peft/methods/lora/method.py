@@ -22,8 +22,9 @@ from lightning_peft.methods.base import (
     check_probability,
     register_strategy,
 )
-from lightning_peft.methods.lora import init
+from lightning_peft.methods.lora import init, peft_format
 from lightning_peft.methods.lora.layers import conv_problem, make_layer_delta
+from lightning_peft.methods.peft_protocol import LOW_RANK_PART, LowRankFactors, pattern_value
 from lightning_peft.ops.dropout import project
 from lightning_peft.ops.lowrank import lowrank_linear
 
@@ -79,7 +80,7 @@ VARIANTS: dict[str, Any] = {}
 @register_strategy
 @dataclass
 class LoRA(LayerStrategy):
-    """Low-rank update ``W + (alpha / r) B A`` on chosen linear layers, and on embeddings and convs named in
+    r"""Low-rank update ``W + (alpha / r) B A`` on chosen linear layers, and on embeddings and convs named in
     ``target_modules`` (see :mod:`lightning_peft.methods.lora.layers`).
 
     Args:
@@ -111,15 +112,22 @@ class LoRA(LayerStrategy):
             ``W + (alpha / r) B A`` (:mod:`lightning_peft.methods.lora.dora`), as ``peft``'s ``use_dora=True``.
             On ``nn.Linear``, GPT-2 ``Conv1D`` and bitsandbytes 4-bit / 8-bit layers; not on a layer that IA3
             also scales, and not with ``shared_dropout``.
+        rank_pattern: per-module ranks overriding ``r``, as ``peft``'s: ``{key: rank}`` where a module whose
+            qualified name matches ``(.*\.)?key$`` (the key itself, or a dotted suffix) takes the first matching
+            key's rank. Not with an init that reads the base weight.
+        alpha_pattern: per-module ``alpha`` overriding ``alpha``, by the same rule.
 
     Example:
         >>> LoRA(r=8, alpha=16, target_modules=["query", "value"])
-        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True, shared_dropout=False, loftq_iter=1, use_dora=False)
+        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True, shared_dropout=False, loftq_iter=1, use_dora=False, rank_pattern=None, alpha_pattern=None)
     """
 
     name = "lora"
     prefix = "lora_"
     up_factors = ("lora_B",)
+    peft_part = LOW_RANK_PART
+    peft_types = ("LORA",)
+    peft_suffixes = peft_format.SUFFIXES
 
     r: int = 8
     alpha: float = 8.0
@@ -131,6 +139,8 @@ class LoRA(LayerStrategy):
     shared_dropout: bool = False
     loftq_iter: int = 1
     use_dora: bool = False
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         check_positive(self.r, "r")
@@ -148,6 +158,7 @@ class LoRA(LayerStrategy):
                 f"use_dora=True with shared_dropout={self.shared_dropout!r} is not supported: DoRA recomputes the "
                 "base layer on its own dropped-out input; use one or the other"
             )
+        peft_format.check_patterns(self)
         if self.use_dora and init.reads_base(self.init_weights):
             raise PeftConfigError(
                 f"use_dora=True with init_weights={self.init_weights!r} is not supported: the export back to the "
@@ -157,6 +168,15 @@ class LoRA(LayerStrategy):
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_of(self, name: str) -> int:
+        """The rank of the LoRA on module ``name`` (``rank_pattern``, else ``r``)."""
+        return pattern_value(self.rank_pattern, name, self.r)
+
+    def scaling_of(self, name: str) -> float:
+        """The scale of the LoRA on module ``name``, with its ``rank_pattern`` / ``alpha_pattern`` entries."""
+        r = self.rank_of(name)
+        return pattern_value(self.alpha_pattern, name, self.alpha) / (math.sqrt(r) if self.use_rslora else r)
 
     @property
     def base_kinds(self) -> tuple[BaseKind, ...]:  # type: ignore[override]
@@ -189,9 +209,9 @@ class LoRA(LayerStrategy):
         for name in targets:
             module = model.get_submodule(name)
             base = module.base_layer if isinstance(module, AdaptedLayer) else module
-            problem = conv_problem(base, self.r)
+            problem = conv_problem(base, self.rank_of(name))
             if problem is not None:
-                raise PeftConfigError(f"LoRA(r={self.r}) cannot adapt {name!r} ({type(base).__name__}): {problem}; "
+                raise PeftConfigError(f"LoRA(r={self.rank_of(name)}) cannot adapt {name!r} ({type(base).__name__}): {problem}; "
                                       "leave it out with exclude_modules")
         if self.use_dora:
             VARIANTS["use_dora"].check_targets(model, targets)
@@ -208,12 +228,12 @@ class LoRA(LayerStrategy):
         return applied
 
     def make_delta(self, layer: AdaptedLayer, name: str, applied: Applied) -> Delta:
+        r, scaling = self.rank_of(name), self.scaling_of(name)
         if layer.kind != "linear":
-            return make_layer_delta(layer.kind, layer.base_layer, self.r, self.scaling, self.dropout,
-                                    self.init_weights)
+            return make_layer_delta(layer.kind, layer.base_layer, r, scaling, self.dropout, self.init_weights)
         cls = VARIANTS["use_dora"] if self.use_dora else LoRADelta
-        delta = cls(layer.in_features, layer.out_features, self.r, self.scaling, self.dropout,
-                    self.init_weights, self.shared_dropout)
+        delta = cls(layer.in_features, layer.out_features, r, scaling, self.dropout, self.init_weights,
+                    self.shared_dropout)
         factors = applied.extra.get("init", {}).pop(name, None)
         if factors is not None:
             init.start(delta, layer.base_layer, factors)
@@ -227,3 +247,18 @@ class LoRA(LayerStrategy):
             if isinstance(layer, AdaptedLayer):
                 init.give_back(delta, layer.base_layer)
         super().remove(model, applied, ctx)
+
+    # -- peft's layout (see lightning_peft.methods.lora.peft_format) -------------------------------------------
+    def peft_factors(self, delta: nn.Module) -> LowRankFactors | None:
+        return peft_format.factors(delta)
+
+    def peft_config(self) -> dict[str, Any] | None:
+        return peft_format.part_config(self)
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any], tensors: dict[str, dict[str, Tensor]], prefix: str = "") -> LoRA:
+        return cls(**peft_format.lora_kwargs(config, tensors, prefix))
+
+    def peft_state(self, module: str, base: nn.Module | None, tensors: dict[str, Tensor],
+                   config: dict[str, Any]) -> dict[str, Tensor]:
+        return peft_format.lora_state(self, module, base, tensors)

@@ -7,13 +7,14 @@ Also home of :class:`PromptStrategy`, the base of every input-level strategy (se
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_peft.errors import PeftConfigError
+from lightning_peft.errors import AdapterStateError, PeftConfigError
 from lightning_peft.methods.base import (
     Applied,
     ApplyContext,
@@ -22,6 +23,7 @@ from lightning_peft.methods.base import (
     check_positive,
     register_strategy,
 )
+from lightning_peft.methods.peft_protocol import PROMPT_PART, check_shape, refuse_options, take
 from lightning_peft.methods.prompt.host import (
     PromptHost,
     PromptProvider,
@@ -52,6 +54,7 @@ class PromptStrategy(Strategy):
 
     level: ClassVar[Level] = Level.INPUT
     mergeable: ClassVar[bool] = False
+    peft_part: ClassVar[str | None] = PROMPT_PART
 
     num_virtual_tokens: int = 20
 
@@ -60,6 +63,16 @@ class PromptStrategy(Strategy):
 
     def make_provider(self, plan: PromptPlan, target: nn.Module) -> PromptProvider:
         raise NotImplementedError
+
+    def peft_prompt(self, provider: nn.Module) -> Tensor:
+        """The embeddings ``provider`` prepends at inference (a P-tuning encoder evaluated without dropout)."""
+        training = provider.training
+        provider.eval()
+        try:
+            with torch.no_grad():
+                return provider().detach().float()
+        finally:
+            provider.train(training)
 
     def _who(self) -> str:
         return f"{type(self).__name__}(num_virtual_tokens={self.num_virtual_tokens})"
@@ -190,6 +203,9 @@ class PromptTuning(PromptStrategy):
 
     name = "prompt_tuning"
     prefix = "prompt_"
+    #: a P-tuning folder holds the encoder's output embeddings (``peft`` saves those), imported as prompt tuning
+    peft_types = ("PROMPT_TUNING", "P_TUNING")
+    peft_suffixes = ("prompt_embeddings",)
 
     init: Literal["random", "text", "vocab"] = "random"
     init_text: str | None = None
@@ -243,3 +259,37 @@ class PromptTuning(PromptStrategy):
     def make_provider(self, plan: PromptPlan, target: nn.Module) -> PromptEmbedding:
         init = initial_prompt(plan.embedding, self.num_virtual_tokens, self.init, plan.token_ids, self._who())
         return PromptEmbedding(init)
+
+    # -- peft's layout -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_peft(cls, config: dict[str, Any], tensors: dict[str, dict[str, Tensor]],
+                  prefix: str = "") -> PromptTuning:
+        """A ``PROMPT_TUNING`` or ``P_TUNING`` folder as prompt tuning with the saved embeddings. ``peft`` saves a
+        P-tuning adapter's encoder *output*, not the encoder, so training goes on on the embeddings directly (the
+        encoder's reparametrization is gone; a warning says so)."""
+        who = f"peft_type={config.get('peft_type')!r}"
+        refuse_options(config, who, ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers",
+                                     "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                                     "tokenizer_kwargs", "encoder_hidden_size", "encoder_num_layers",
+                                     "encoder_reparameterization_type", "encoder_dropout"),
+                       allowed={"num_transformer_submodules": (1, None)})
+        if set(tensors) != {""}:
+            raise AdapterStateError(f"a {who} folder holds one 'prompt_embeddings' tensor; this one has "
+                                    f"{sorted(tensors)[:4]}")
+        (embeddings,) = take(tensors[""], "(input embeddings)", "prompt_embeddings")
+        n = config.get("num_virtual_tokens")
+        if embeddings.dim() != 2 or (n is not None and embeddings.shape[0] != n):
+            raise AdapterStateError(f"prompt_embeddings has shape {tuple(embeddings.shape)}; the config says "
+                                    f"num_virtual_tokens={n}")
+        if config.get("peft_type") == "P_TUNING":
+            warnings.warn("load_adapters: a P_TUNING folder holds the prompt encoder's output embeddings (peft saves "
+                          "those, not the encoder); loaded as PromptTuning with these embeddings, which reproduces "
+                          "peft's outputs; further training updates the embeddings directly", stacklevel=5)
+        return cls(num_virtual_tokens=int(embeddings.shape[0]))
+
+    def peft_state(self, module: str, base: nn.Module | None, tensors: dict[str, Tensor],
+                   config: dict[str, Any]) -> dict[str, Tensor]:
+        (embeddings,) = take(tensors, "(input embeddings)", "prompt_embeddings")
+        dim = base.weight.shape[1]  # type: ignore[union-attr]
+        check_shape("(input embeddings)", "prompt_embeddings", embeddings, (self.num_virtual_tokens, dim))
+        return {"prompt_embeddings": embeddings}
