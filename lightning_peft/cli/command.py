@@ -30,6 +30,7 @@ from lightning_peft.errors import PeftConfigError
 # take any Strategy subclass (``class_path: LoRA``) before anything is parsed
 from lightning_peft.lightning.export_callback import AdapterExport  # noqa: F401
 from lightning_peft.lightning.peft_callback import PEFT  # noqa: F401
+from lightning_peft.lightning.prediction_writer import PredictionWriter  # noqa: F401  (predict's writer)
 from lightning_peft.lightning.rank_budget import RankBudgetScheduler  # noqa: F401
 
 
