@@ -96,6 +96,62 @@ def test_ddp_ranks_share_the_epoch_and_each_resumes_its_own_share():
     assert [b.tolist() for b in resumed] == shares[1][2:]
 
 
+# -- in process: a module that reads estimated_stepping_batches in configure_optimizers --------------------------
+def test_resume_when_configure_optimizers_builds_the_loader_early(tmp_path):
+    """Reading ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` (a warm-up schedule, say) builds
+    the train loader before Lightning restores the loops, and Lightning then never hands it the saved position;
+    the loader takes it itself when the resumed epoch starts. A crash after step 8, resumed from step 6."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_peft import LoRA
+    from lightning_peft.data import TextDataModule
+    from lightning_peft.tasks import SequenceClassification
+
+    bert = tiny_bert_dir(tmp_path)
+    data = write_tsv(tmp_path / "train.tsv", sentiment_rows() + sentiment_rows()[:4])
+
+    class Scheduled(SequenceClassification):
+        def configure_optimizers(self):
+            total = self.trainer.estimated_stepping_batches  # builds the train loader now
+            optimizer = super().configure_optimizers()
+            schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total)
+            return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    class Record(L.Callback):
+        def __init__(self, crash_at=None):
+            self.crash_at, self.seen = crash_at, []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append((trainer.global_step + 1, batch["input_ids"].tolist()))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == self.crash_at:
+                raise RuntimeError("crash")
+
+    def run(record, ckpt_dir, ckpt_path=None):
+        torch.manual_seed(0)
+        model = Scheduled(bert, strategies=[LoRA(r=4, target_modules=["query", "value"])], lr=1e-2)
+        dm = TextDataModule(bert, train_path=data, text_column="sentence", batch_size=4, seed=3)
+        checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=1, save_last=True)
+        t = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, callbacks=[record, checkpoint],
+                      default_root_dir=tmp_path)
+        t.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return model
+
+    straight = Record()
+    a = run(straight, tmp_path / "a")
+    with pytest.raises(RuntimeError, match="crash"):
+        run(Record(crash_at=8), tmp_path / "b")
+    resumed = Record()
+    b = run(resumed, tmp_path / "b", ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert [s for s, _ in resumed.seen] == list(range(7, 16))
+    assert resumed.seen == straight.seen[6:]
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
 # -- a real SIGKILL mid-epoch ------------------------------------------------------------------------------------
 def _command() -> list[str]:
     script = shutil.which("lightning-peft", path=os.path.dirname(sys.executable))

@@ -9,7 +9,7 @@ saves the epoch and the number of batches it handed out, and its :class:`Resumab
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -71,12 +71,17 @@ class ResumableDataLoader(DataLoader):
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self.epoch, self.batches_seen = sampler.epoch, 0  # batches handed out in that epoch
         self._resume: tuple[int, int] | None = None  # (epoch, batches) to skip, from load_state_dict
+        #: asked when an iteration starts for a saved state not loaded yet (see :func:`unloaded_state`)
+        self.pending_state: Callable[[], dict[str, int] | None] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return self._iterate()  # a generator: nothing is read (no worker started) before the first batch is asked
 
     def _iterate(self) -> Iterator[Any]:
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
+        state = self.pending_state() if self.pending_state is not None else None
+        if state is not None:
+            self.load_state_dict(state)
         skip = 0
         if self._resume is not None and self._resume[0] == sampler.epoch and self._resume[1] < len(self):
             skip = self._resume[1]
@@ -101,4 +106,19 @@ class ResumableDataLoader(DataLoader):
         self.sampler.set_epoch(self.epoch)  # type: ignore[attr-defined]  (Lightning sets the epoch again)
 
 
-__all__ = ["ResumableDataLoader", "ResumableSampler"]
+def unloaded_state(trainer: Any) -> dict[str, int] | None:
+    """The train loader state a resumed fit restored but did not hand to the loader (then taken from the loop).
+
+    Lightning loads the saved loader states only while the fit loop builds the train loader. Reading
+    ``trainer.estimated_stepping_batches`` before the checkpoint's loop state is restored (a warm-up schedule
+    in ``configure_optimizers``, say) builds it earlier, and the saved position would be dropped.
+    """
+    loop = getattr(trainer, "fit_loop", None)
+    states = getattr(loop, "_combined_loader_states_to_load", None)
+    if loop is None or not states or not loop.restarting:
+        return None
+    loop._combined_loader_states_to_load = []  # as Lightning does once it loaded them
+    return states[0]  # TextDataModule has one train loader
+
+
+__all__ = ["ResumableDataLoader", "ResumableSampler", "unloaded_state"]

@@ -17,7 +17,7 @@ from lightning_peft.cli.data.encoding import encode_lm, load_tokenizer, pad_batc
 from lightning_peft.cli.data.hf import load_splits, split_table
 from lightning_peft.cli.data.labels import infer_labels, read_label_map, write_labels
 from lightning_peft.cli.data.readers import DataError, Table, read_table
-from lightning_peft.cli.data.resumable import ResumableDataLoader
+from lightning_peft.cli.data.resumable import ResumableDataLoader, unloaded_state
 from lightning_peft.errors import PeftConfigError, preview
 
 LABELS_FILE = "labels.json"
@@ -373,8 +373,9 @@ class TextDataModule(L.LightningDataModule):
             return DataLoader(self.datasets[split], shuffle=shuffle, **kwargs)  # type: ignore[arg-type]
         trainer = self.trainer  # under DDP, this rank's share (Lightning keeps a DistributedSampler as it is)
         distributed = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
-        data = self.datasets[split]
-        return ResumableDataLoader(data, shuffle=shuffle, seed=self.seed, **distributed, **kwargs)  # type: ignore
+        loader = ResumableDataLoader(self.datasets[split], shuffle=shuffle, seed=self.seed, **distributed, **kwargs)
+        loader.pending_state = functools.partial(unloaded_state, trainer)
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         """A :class:`ResumableDataLoader`: shuffled with ``seed + epoch``, its position saved in checkpoints."""
