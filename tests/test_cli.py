@@ -296,7 +296,7 @@ def test_sst2_hybrid_recipe_quick_run(tmp_path, monkeypatch):
     with open(SST2 / "test.tsv", newline="") as f:
         n_rows = sum(1 for _ in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)) - 1
     assert n_rows == 872
-    assert float(cli.trainer.callback_metrics["val_acc"]) > 0.65  # 0.795 measured (40 steps of 32 sentences)
+    assert float(cli.trainer.callback_metrics["val_acc"]) > 0.65  # 0.755 measured (40 steps of 32 sentences)
 
 
 def test_llama_qlora_recipe_fits_a_tiny_llama(tiny, tmp_path, monkeypatch):

@@ -12,16 +12,21 @@ from __future__ import annotations
 from jsonargparse import set_parsing_settings
 
 import lightning_peft.methods  # noqa: F401  (imports, so registers, every built-in strategy)
-from lightning_peft.lightning import export_callback, peft_callback, rank_budget
+from lightning_peft.lightning import export_callback, peft_callback, prediction_writer, rank_budget
 from lightning_peft.methods.base import Strategy, registered_strategies
 
 #: the callbacks a config names by short class name
-CALLBACKS = (peft_callback.PEFT, export_callback.AdapterExport, rank_budget.RankBudgetScheduler)
+CALLBACKS = (
+    peft_callback.PEFT,
+    export_callback.AdapterExport,
+    rank_budget.RankBudgetScheduler,
+    prediction_writer.PredictionWriter,
+)
 
 
 def register_short_names() -> dict[str, type]:
-    """Make ``class_path: PEFT`` / ``AdapterExport`` / ``RankBudgetScheduler`` (callbacks) and ``class_path: LoRA``
-    / ``AdaLoRA`` / ``IA3`` / ... (every strategy, including ones added with
+    """Make ``class_path: PEFT`` / ``AdapterExport`` / ``RankBudgetScheduler`` / ``PredictionWriter`` (callbacks)
+    and ``class_path: LoRA`` / ``AdaLoRA`` / ``IA3`` / ... (every strategy, including ones added with
     :func:`~lightning_peft.register_strategy`) resolve in a ``LightningCLI`` config or command line.
 
     Idempotent. Importing this module already enables ``Strategy`` subclasses (through

@@ -92,6 +92,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     _fsync_dir(final.parent)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it, fsync and ``os.replace``."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}{TMP_MARK}{_token()}"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(final.parent)
+
+
 def remove_directory(folder: Path) -> None:
     """Delete ``folder`` so that it is either complete or gone: renamed aside atomically, then removed."""
     aside = folder.parent / f".{folder.name}.del-{uuid.uuid4().hex[:8]}"
@@ -147,6 +165,7 @@ def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
 __all__ = [
     "TMP_MARK",
     "atomic_directory",
+    "atomic_write_text",
     "atomic_torch_save",
     "check_replaceable",
     "remove_directory",

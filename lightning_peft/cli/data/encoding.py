@@ -1,4 +1,4 @@
-"""Tokenizer loading and dynamic padding for :class:`~lightning_peft.cli.data.text.TextDataModule`."""
+"""Tokenizer loading, causal-LM encoding and dynamic padding for :class:`~lightning_peft.cli.data.text.TextDataModule`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lightning_peft.cli.data.readers import Table
 from lightning_peft.errors import PeftConfigError
 
 IGNORE_INDEX = -100
@@ -49,4 +50,46 @@ def pad_batch(items: Sequence[dict[str, Any]], pad_id: int, left: bool = False) 
     return batch
 
 
-__all__ = ["IGNORE_INDEX", "load_tokenizer", "pad_batch"]
+def encode_lm(
+    table: Table,
+    tok: Any,
+    *,
+    text_column: str,
+    prompt_column: str,
+    response_column: str | None,
+    prompt_template: str,
+    loss_on_response_only: bool,
+    max_length: int,
+    predicting: bool,
+    seq2seq: bool,
+) -> list[dict[str, Any]]:
+    """Token ids (and labels) of a causal-LM / seq2seq table: ``prompt_template`` + response + EOS, the loss on
+    the response only with ``loss_on_response_only``; without a response column, the text column is the whole
+    row. Predicting gives the prompt only; seq2seq gives the prompt as input, the response as target."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    out = []
+    if response_column is None:
+        for i in range(len(table.rows)):
+            text = table.text(i, text_column)
+            ids = tok(text, truncation=True, max_length=max_length - len(eos))["input_ids"] + eos
+            out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
+        return out
+    for i in range(len(table.rows)):
+        prompt = prompt_template.format(prompt=table.text(i, prompt_column))
+        prompt_ids = tok(prompt, truncation=True, max_length=max_length)["input_ids"]
+        if predicting or seq2seq:  # seq2seq: the prompt is the encoder input, the response the target
+            item = {"input_ids": prompt_ids, "attention_mask": [1] * len(prompt_ids)}
+            if not predicting:
+                target = table.text(i, response_column)
+                item["labels"] = tok(text_target=target, truncation=True, max_length=max_length)["input_ids"]
+            out.append(item)
+            continue
+        response_ids = tok(table.text(i, response_column), add_special_tokens=False)["input_ids"] + eos
+        ids = (prompt_ids + response_ids)[:max_length]
+        labels = [IGNORE_INDEX] * len(prompt_ids) if loss_on_response_only else list(prompt_ids)
+        labels = (labels + response_ids)[:max_length]
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return out
+
+
+__all__ = ["IGNORE_INDEX", "encode_lm", "load_tokenizer", "pad_batch"]

@@ -1,4 +1,4 @@
-"""Reading text datasets (tsv, csv, jsonl, parquet, Hugging Face ``datasets``) into rows, with errors that name
+"""Reading text files (tsv, csv, jsonl, parquet) into rows, with errors that name
 the file, the line and the column."""
 
 from __future__ import annotations
@@ -32,11 +32,20 @@ class Table:
     lines: list[int] = field(default_factory=list)
     #: what a row number means in errors: "line" for text files, "record" for parquet / datasets
     unit: str = "line"
+    #: class names of integer label columns (a Hugging Face ``ClassLabel``), by column; rows hold the names
+    class_names: dict[str, list[str]] = field(default_factory=dict)
 
     def where(self, i: int, column: str | None = None) -> str:
         """``'<source>', line 5, column 'label'`` for row ``i``."""
         out = f"{self.source!r}, {self.unit} {self.lines[i]}"
         return f"{out}, column {column!r}" if column else out
+
+    def text(self, i: int, column: str) -> str:
+        """Row ``i``'s ``column`` as text; a missing value is an error naming the file, line and column."""
+        value = self.rows[i].get(column)
+        if value is None:
+            raise DataError(f"{self.where(i, column)}: missing value")
+        return str(value)
 
     def require(self, column: str | None, argument: str) -> None:
         """Raise if ``column`` is not in the table."""
@@ -53,6 +62,7 @@ class Table:
             [self.rows[i] for i in indices],
             [self.lines[i] for i in indices],
             self.unit,
+            self.class_names,
         )
 
 
@@ -172,22 +182,4 @@ def _read_parquet(p: Path, argument: str) -> Table:
     return Table(str(p), list(rows[0]), rows, list(range(1, len(rows) + 1)), unit="record")
 
 
-def read_hf_dataset(name: str, config: str | None, split: str) -> Table:
-    """A split of a Hugging Face dataset (needs the ``datasets`` package; may download)."""
-    try:
-        import datasets
-    except ImportError:
-        raise PeftConfigError(
-            f"dataset_name={name!r} needs the Hugging Face datasets package: pip install datasets "
-            "(or give local files with data.train_path / data.val_path)"
-        ) from None
-    ds = datasets.load_dataset(name, config, split=split)
-    rows = list(ds)
-    if not rows:
-        raise DataError(f"dataset {name!r} split {split!r} has no rows")
-    return Table(
-        f"{name}[{split}]", list(ds.column_names), rows, list(range(1, len(rows) + 1)), unit="record"
-    )
-
-
-__all__ = ["FORMATS", "DataError", "Table", "detect_format", "read_hf_dataset", "read_table"]
+__all__ = ["FORMATS", "DataError", "Table", "detect_format", "read_table"]

@@ -1,9 +1,8 @@
-"""``TextDataModule``: local text files (or a Hugging Face dataset) tokenized for classification or causal LM."""
+"""``TextDataModule``: local text files or Hugging Face datasets, tokenized for classification or causal LM."""
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 from collections.abc import Sequence
@@ -14,15 +13,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_peft.cli.data.demo import demo_path, resolve_data_path
-from lightning_peft.cli.data.encoding import IGNORE_INDEX, load_tokenizer, pad_batch
-from lightning_peft.cli.data.readers import DataError, Table, read_hf_dataset, read_table
+from lightning_peft.cli.data.encoding import encode_lm, load_tokenizer, pad_batch
+from lightning_peft.cli.data.hf import load_splits, split_table
+from lightning_peft.cli.data.labels import infer_labels, read_label_map, write_labels
+from lightning_peft.cli.data.readers import DataError, Table, read_table
+from lightning_peft.cli.data.resumable import ResumableDataLoader, unloaded_state
 from lightning_peft.errors import PeftConfigError, preview
 
 LABELS_FILE = "labels.json"
 SPLITS = ("train", "val", "test", "predict")
 class TextDataModule(L.LightningDataModule):
-    """Text data from tsv / csv / jsonl / parquet files (or a Hugging Face dataset), tokenized with the model's
-    tokenizer and padded per batch.
+    """Text data from tsv / csv / jsonl / parquet files or a Hugging Face dataset, tokenized with the model's
+    tokenizer and padded per batch. The training loader is a :class:`ResumableDataLoader`: a run resumed from a
+    mid-epoch checkpoint continues with the batches an uninterrupted run would have seen.
 
     For classification, string labels become ids (sorted, or in the order of ``labels``); the mapping is saved in
     checkpoints, in ``<log_dir>/labels.json`` and in ``label_map_path`` when given, and reused for validation,
@@ -39,9 +42,13 @@ class TextDataModule(L.LightningDataModule):
         predict_path: file to predict on (labels optional).
         format: ``"auto"`` (from the suffix), ``"tsv"`` (read with no quoting, as GLUE/SST-2), ``"csv"``,
             ``"jsonl"`` or ``"parquet"``.
-        dataset_name: a Hugging Face dataset instead of files (needs ``datasets``; downloads).
+        dataset: a Hugging Face ``datasets.Dataset`` (the training split) or ``DatasetDict``, or a dict of
+            ``datasets.load_dataset`` arguments (YAML: ``{path: csv, data_files: {train: a.csv, validation:
+            b.csv}}``); a ``*_path`` given too wins for its split. Needs ``pip install 'lightning-peft[datasets]'``.
+        dataset_name: a Hugging Face hub dataset (``dataset: {path: NAME, name: CONFIG}``; downloads).
         dataset_config: its configuration name.
-        dataset_splits: split names for train / val / test / predict.
+        dataset_splits: the dataset's split names for train / val / test / predict (default ``train``,
+            ``validation``, ``test``, ``test``).
         task: ``"classification"``, ``"causal_lm"`` or ``"seq2seq"``; ``None`` asks the attached task module.
         text_column: the text (classification), or the whole text for causal LM without a response column.
         text_pair_column: optional second text for sentence-pair classification.
@@ -59,7 +66,7 @@ class TextDataModule(L.LightningDataModule):
         limit_val_samples: use a random subset of this many validation rows.
         val_split: fraction of the training rows held out for validation when no ``val_path`` is given.
         num_workers: DataLoader workers.
-        seed: seed for the subsets, the held-out split and shuffling.
+        seed: seed for the subsets, the held-out split and shuffling (epoch ``e`` is shuffled with ``seed + e``).
 
     Example:
         >>> dm = TextDataModule("minilm", train_path="demo:train", val_path="demo:validation",
@@ -74,6 +81,7 @@ class TextDataModule(L.LightningDataModule):
         test_path: str | None = None,
         predict_path: str | None = None,
         format: Literal["auto", "tsv", "csv", "jsonl", "parquet"] = "auto",
+        dataset: Any = None,
         dataset_name: str | None = None,
         dataset_config: str | None = None,
         dataset_splits: dict[str, str] | None = None,
@@ -125,14 +133,13 @@ class TextDataModule(L.LightningDataModule):
             "predict": resolve_data_path(predict_path),
         }
         self.format = format
-        self.dataset_name, self.dataset_config = dataset_name, dataset_config
-        self.dataset_splits = {
-            "train": "train",
-            "val": "validation",
-            "test": "test",
-            "predict": "test",
-            **(dataset_splits or {}),
-        }
+        self.dataset, self.dataset_name, self.dataset_config = dataset, dataset_name, dataset_config
+        if dataset_splits is not None and not set(dataset_splits) <= set(SPLITS):
+            raise PeftConfigError(f"dataset_splits={dataset_splits!r} has keys other than {list(SPLITS)}")
+        self.explicit_splits = set(dataset_splits or {})
+        defaults = {"train": "train", "val": "validation", "test": "test", "predict": "test"}
+        self.dataset_splits = {**defaults, **(dataset_splits or {})}
+        self.hf_splits: dict[str, Any] | None = None  # loaded in setup
         self.task = task
         self.text_column, self.text_pair_column, self.label_column = (
             text_column,
@@ -161,37 +168,25 @@ class TextDataModule(L.LightningDataModule):
         return {name: i for i, name in enumerate(self.label_names or [])}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"labels": self.label_names}
+        """The label names, and torch's random state: restored with the checkpoint, dropout after a resume draws
+        the masks an uninterrupted run would (the train loader's position is saved by Lightning itself)."""
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
+        return {"labels": self.label_names, "rng": rng}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("labels") is not None:
             self.label_names = list(state_dict["labels"])
-
-    def _infer_labels(self, table: Table) -> list[str]:
-        values = [str(r[self.label_column]).strip() for r in table.rows]  # type: ignore[index]
-        distinct = sorted(set(values))
-        if all(v.lstrip("-").isdigit() for v in distinct):
-            ids = sorted(int(v) for v in distinct)
-            if ids[0] < 0:
-                raise DataError(f"{table.source!r}: integer labels must be >= 0, found {ids[0]}")
-            return [str(i) for i in range(ids[-1] + 1)]  # integer labels are their own ids
-        return distinct
-
-    def _load_label_map(self) -> None:
-        path = self.label_map_path
-        if self.label_names is None and path and os.path.isfile(path):
-            with open(path) as f:
-                data = json.load(f)
-            names = data["labels"] if isinstance(data, dict) else data
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise DataError(f"label_map_path={path!r} should hold {{'labels': [names in id order]}}")
-            self.label_names = names
+        rng = state_dict.get("rng") or {}
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def save_labels(self, path: str | os.PathLike) -> None:
         """Write the label names in id order to ``path`` (JSON: ``{"labels": [...]}``)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"labels": self.label_names}, f, indent=1)
+        write_labels(path, self.label_names)
 
     # -- reading -----------------------------------------------------------------------------------------------
     def resolved_task(self) -> str:
@@ -201,10 +196,16 @@ class TextDataModule(L.LightningDataModule):
         return getattr(module, "data_task", "classification")
 
     def _read(self, split: str) -> Table | None:
-        if self.dataset_name is not None:
-            return read_hf_dataset(self.dataset_name, self.dataset_config, self.dataset_splits[split])
         path = self.paths[split]
-        return read_table(path, self.format, argument=f"{split}_path") if path is not None else None
+        if path is not None:
+            return read_table(path, self.format, argument=f"{split}_path")
+        if self.dataset is None and self.dataset_name is None:
+            return None
+        if self.hf_splits is None:
+            self.hf_splits = load_splits(self.dataset, self.dataset_name, self.dataset_config)
+        source = self.dataset_name or type(self.dataset).__name__
+        name, explicit = self.dataset_splits[split], split in self.explicit_splits
+        return split_table(self.hf_splits, split, name, source, explicit)
 
     def _limit(self, table: Table, limit: int | None, salt: int) -> Table:
         if limit is None or limit >= len(table.rows):
@@ -218,15 +219,16 @@ class TextDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(self.tokenizer_name)
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         splits = wanted.get(stage or "fit", list(SPLITS)) if stage is not None else ["train", "val", "test"]
-        if stage in (None, "fit") and self.paths["train"] is None and self.dataset_name is None:
-            raise PeftConfigError("fit needs training data: set data.train_path (or data.dataset_name)")
+        read = {split: self._read(split) for split in splits}
+        if stage in (None, "fit") and read.get("train") is None:
+            raise PeftConfigError("fit needs training data: set data.train_path (or data.dataset)")
         for split in splits:
-            table = self._read(split)
+            table = read[split]
             if table is None:
                 continue
             if split == "train":
                 table = self._limit(table, self.limit_train_samples, 0)
-                if self.paths["val"] is None and self.dataset_name is None and self.val_split > 0:
+                if read.get("val") is None and self.val_split > 0:
                     order = list(range(len(table.rows)))
                     random.Random(self.seed).shuffle(order)
                     n_val = max(1, round(self.val_split * len(order)))
@@ -243,12 +245,14 @@ class TextDataModule(L.LightningDataModule):
                 self.datasets.pop(split, None)
 
     def _setup_labels(self, stage: str | None) -> None:
-        self._load_label_map()
+        if self.label_names is None and self.label_map_path and os.path.isfile(self.label_map_path):
+            self.label_names = read_label_map(self.label_map_path)
         train = self.tables.get("train")
         if train is not None and self.label_column is not None:
             train.require(self.label_column, "label_column")
             if self.label_names is None:
-                self.label_names = self._infer_labels(train)
+                names = train.class_names.get(self.label_column)  # a ClassLabel's names keep its ids
+                self.label_names = list(names) if names else infer_labels(train, self.label_column)
         if self.label_names is None:
             return  # test / predict: they may come from a checkpoint (load_state_dict), checked in the loaders
         trainer = self.trainer
@@ -273,12 +277,6 @@ class TextDataModule(L.LightningDataModule):
             )
         return ids[value]
 
-    def _text(self, table: Table, i: int, column: str) -> str:
-        value = table.rows[i].get(column)
-        if value is None:
-            raise DataError(f"{table.where(i, column)}: missing value")
-        return str(value)
-
     def _check_columns(self, table: Table, split: str, task: str) -> None:
         if task == "seq2seq" and self.response_column is None:
             raise PeftConfigError(
@@ -300,16 +298,27 @@ class TextDataModule(L.LightningDataModule):
     def _encode(self, table: Table, split: str, task: str) -> list[dict[str, Any]]:
         self._check_columns(table, split, task)
         if task in ("causal_lm", "seq2seq"):
-            return self._encode_lm(table, split, seq2seq=task == "seq2seq")
+            return encode_lm(
+                table,
+                self.tokenizer,
+                text_column=self.text_column,
+                prompt_column=self.prompt_column or "prompt",
+                response_column=self.response_column,
+                prompt_template=self.prompt_template,
+                loss_on_response_only=self.loss_on_response_only,
+                max_length=self.max_length,
+                predicting=split == "predict",
+                seq2seq=task == "seq2seq",
+            )
         with_labels = self.label_column is not None and self.label_column in table.columns
         if with_labels and self.label_names is None:
             raise DataError(
                 f"{split} data {table.source!r} has labels but the label names are unknown (no training data): "
                 "give data.labels, data.label_map_path (the labels.json a fit run wrote) or --ckpt_path"
             )
-        texts = [self._text(table, i, self.text_column) for i in range(len(table.rows))]
+        texts = [table.text(i, self.text_column) for i in range(len(table.rows))]
         pairs = (
-            [self._text(table, i, self.text_pair_column) for i in range(len(table.rows))]
+            [table.text(i, self.text_pair_column) for i in range(len(table.rows))]
             if self.text_pair_column
             else None
         )
@@ -322,42 +331,25 @@ class TextDataModule(L.LightningDataModule):
             out.append(item)
         return out
 
-    def _encode_lm(self, table: Table, split: str, seq2seq: bool = False) -> list[dict[str, Any]]:
-        tok = self.tokenizer
-        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        out = []
-        if self.response_column is None:
-            for i in range(len(table.rows)):
-                ids = (
-                    tok(
-                        self._text(table, i, self.text_column),
-                        truncation=True,
-                        max_length=self.max_length - len(eos),
-                    )["input_ids"]
-                    + eos
-                )
-                out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
-            return out
-        predicting = split == "predict"
-        for i in range(len(table.rows)):
-            prompt = self.prompt_template.format(prompt=self._text(table, i, self.prompt_column or "prompt"))
-            prompt_ids = tok(prompt, truncation=True, max_length=self.max_length)["input_ids"]
-            if predicting or seq2seq:  # seq2seq: the prompt is the encoder input, the response the target
-                item = {"input_ids": prompt_ids, "attention_mask": [1] * len(prompt_ids)}
-                if not predicting:
-                    target = self._text(table, i, self.response_column)  # type: ignore[arg-type]
-                    item["labels"] = tok(text_target=target, truncation=True, max_length=self.max_length)[
-                        "input_ids"
-                    ]
-                out.append(item)
-                continue
-            response = self._text(table, i, self.response_column)
-            response_ids = tok(response, add_special_tokens=False)["input_ids"] + eos
-            ids = (prompt_ids + response_ids)[: self.max_length]
-            labels = [IGNORE_INDEX] * len(prompt_ids) if self.loss_on_response_only else list(prompt_ids)
-            labels = (labels + response_ids)[: self.max_length]
-            out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-        return out
+    def prediction_inputs(self, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The predict rows' input columns, in input order, for a prediction writer to copy: ``columns``, by
+        default an ``id`` (or ``idx``) column if there is one and the text column(s) (the prompt for an LM)."""
+        table = self.tables.get("predict")
+        if table is None:
+            return []
+        if columns is None:
+            task = self.resolved_task()
+            texts = [self.text_column, self.text_pair_column] if task == "classification" else [self.text_column]
+            if task != "classification" and self.response_column is not None:
+                texts = [self.prompt_column or "prompt"]
+            columns = [c for c in ("id", "idx") if c in table.columns][:1] + [c for c in texts if c]
+        missing = [c for c in columns if c not in table.columns]
+        if missing:
+            raise PeftConfigError(
+                f"input_columns={list(columns)!r}: {table.source!r} has no column {missing[0]!r}; its columns are "
+                f"{preview(table.columns)}"
+            )
+        return [{c: row.get(c) for c in columns} for row in table.rows]
 
     # -- loaders -----------------------------------------------------------------------------------------------
     def collate(self, items: Sequence[dict[str, Any]], left: bool = False) -> dict[str, torch.Tensor]:
@@ -367,21 +359,26 @@ class TextDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         if split not in self.tables:
-            raise PeftConfigError(f"no {split} data: set data.{split}_path")
+            raise PeftConfigError(f"no {split} data: set data.{split}_path (or a {split} split in data.dataset)")
         if split not in self.datasets:
             self.datasets[split] = self._encode(self.tables[split], split, self.resolved_task())
         left = split == "predict" and self.resolved_task() == "causal_lm"  # generation continues on the right
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.datasets[split],  # type: ignore[arg-type]
+        kwargs: dict[str, Any] = dict(
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
             collate_fn=functools.partial(self.collate, left=left),
             num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),  # base seeds of workers: not the global RNG
         )
+        if split != "train":
+            return DataLoader(self.datasets[split], shuffle=shuffle, **kwargs)  # type: ignore[arg-type]
+        trainer = self.trainer  # under DDP, this rank's share (Lightning keeps a DistributedSampler as it is)
+        distributed = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        loader = ResumableDataLoader(self.datasets[split], shuffle=shuffle, seed=self.seed, **distributed, **kwargs)
+        loader.pending_state = functools.partial(unloaded_state, trainer)
+        return loader
 
     def train_dataloader(self) -> DataLoader:
+        """A :class:`ResumableDataLoader`: shuffled with ``seed + epoch``, its position saved in checkpoints."""
         return self._loader("train", True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:

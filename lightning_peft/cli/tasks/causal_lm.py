@@ -135,6 +135,10 @@ class CausalLM(TaskModule):
             out = out[:, batch["input_ids"].shape[1] :]
         return tok.batch_decode(out, skip_special_tokens=True)
 
+    def prediction_rows(self, output: list[str]) -> list[dict[str, Any]]:
+        """One row per prompt, for :class:`~lightning_peft.callbacks.PredictionWriter`: ``generated``."""
+        return [{"generated": text} for text in output]
+
 
 class Seq2SeqLM(CausalLM):
     """Sequence-to-sequence generation (T5, BART, ...): the prompt column is the encoder input, the response

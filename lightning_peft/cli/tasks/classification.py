@@ -156,5 +156,19 @@ class SequenceClassification(TaskModule):
         names = names or [str(i) for i in range(self.num_labels)]
         return {"predictions": ids, "labels": [names[i] for i in ids.tolist()], "probabilities": probs}
 
+    def prediction_rows(self, output: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per input of a ``predict_step`` output, for :class:`~lightning_peft.callbacks.PredictionWriter`:
+        ``label``, ``label_id`` and ``prob_<label>`` per class."""
+        names = list(self.label_names or []) or [str(i) for i in range(self.num_labels)]
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = list(getattr(datamodule, "label_names", None) or names)
+        names += [str(i) for i in range(len(names), self.num_labels)]  # a head wider than the data's labels
+        return [
+            {"label": label, "label_id": i, **{f"prob_{n}": p for n, p in zip(names, probs)}}
+            for label, i, probs in zip(
+                output["labels"], output["predictions"].tolist(), output["probabilities"].tolist()
+            )
+        ]
+
 
 __all__ = ["SequenceClassification"]
