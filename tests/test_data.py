@@ -12,23 +12,9 @@ import torch
 
 from lightning_peft.data import IGNORE_INDEX, DataError, TextDataModule, demo_path, read_table
 from lightning_peft.errors import PeftConfigError
-from tests.tiny_hf import minilm_path, sentiment_rows, write_tsv
+from tests.tiny_hf import module, sentiment_rows, write_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from lightning_peft.data import load_tokenizer
-
-    return load_tokenizer(minilm_path())
-
-
-def module(tokenizer, **kwargs) -> TextDataModule:
-    kwargs.setdefault("text_column", "sentence")
-    dm = TextDataModule(tokenizer="minilm", **kwargs)
-    dm.tokenizer = tokenizer
-    return dm
 
 
 def batches(dm: TextDataModule, split: str = "train") -> list[dict[str, torch.Tensor]]:

@@ -13,23 +13,9 @@ import torch
 
 from lightning_peft.data import DataError, TextDataModule
 from lightning_peft.errors import PeftConfigError
-from tests.tiny_hf import minilm_path, sentiment_rows, tiny_bert_dir, write_tsv
+from tests.tiny_hf import module, sentiment_rows, tiny_bert_dir, write_tsv
 
 datasets = pytest.importorskip("datasets")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from lightning_peft.data import load_tokenizer
-
-    return load_tokenizer(minilm_path())
-
-
-def module(tokenizer, **kwargs) -> TextDataModule:
-    kwargs.setdefault("text_column", "sentence")
-    dm = TextDataModule(tokenizer="minilm", **kwargs)
-    dm.tokenizer = tokenizer
-    return dm
 
 
 def rows_of(split: list[tuple[str, str]]) -> dict[str, list[str]]:

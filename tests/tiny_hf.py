@@ -119,3 +119,13 @@ def tiny_t5_dir(root: str | os.PathLike) -> str:
         eos_token_id=102,
     )
     return _saved(root, "tiny-t5", T5ForConditionalGeneration, cfg)
+
+
+def module(tokenizer, **kwargs):
+    """A TextDataModule on ``tokenizer`` (the ``tokenizer`` fixture: MiniLM's), text in column ``sentence``."""
+    from lightning_peft.data import TextDataModule
+
+    kwargs.setdefault("text_column", "sentence")
+    dm = TextDataModule(tokenizer="minilm", **kwargs)
+    dm.tokenizer = tokenizer
+    return dm

@@ -14,9 +14,9 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import save_file
@@ -76,30 +76,23 @@ def atomic_directory(dirpath: str | os.PathLike, marker: str) -> Iterator[Path]:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` through a temporary file in the same directory, fsync and ``os.replace``."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}{TMP_MARK}{_token()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(final.parent)
+    _atomic_file(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it, fsync and ``os.replace``."""
+    _atomic_file(path, "w", lambda f: f.write(text), encoding="utf-8", newline="")
+
+
+def _atomic_file(path: str | os.PathLike, mode: str, write: Callable[[IO], Any], **open_kwargs: Any) -> None:
+    """Open a temporary file beside ``path`` with ``mode``, ``write`` it, fsync, then ``os.replace`` it onto
+    ``path`` (the temporary file is removed if anything fails)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}{TMP_MARK}{_token()}"
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with open(tmp, mode, **open_kwargs) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
