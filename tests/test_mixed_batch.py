@@ -310,9 +310,11 @@ def test_exception_in_forward_ends_the_routing_and_hooks_go_with_the_last_set():
         unload(m, "a")
         unload(m, "b")
         assert not m._forward_pre_hooks and not m._forward_hooks  # the model as it was before any set
+        assert "generate" not in m.__dict__  # and generate is the class's again
+    assert twin.__dict__ is not model.__dict__
 
 
-def test_generate_takes_adapter_names_and_a_wrapper_takes_the_context():
+def test_generate_takes_adapter_names_with_beams_and_a_wrapper_takes_the_context():
     model = build(tiny_llama(), {k: v for k, v in layer_sets("llama").items() if k in ("lora", "ia3")})
     names = ["ia3", "lora", "__base__"]
     x = token_batch(3, 6)
@@ -327,9 +329,22 @@ def test_generate_takes_adapter_names_and_a_wrapper_takes_the_context():
                     activate(model, name)
                 own.append(model.generate(input_ids=x[i : i + 1], **kw))
         assert torch.equal(expected, torch.cat(own))
-        # generate() checks its keywords against forward's: never silently ignored, use the context instead
-        with pytest.raises(ValueError, match="adapter_names"):
-            model.generate(input_ids=x, adapter_names=names, **kw)
+        # generate() takes the names itself, as peft's does
+        assert torch.equal(model.generate(input_ids=x, adapter_names=names, **kw), expected)
+        # beams and returned sequences: generate() repeats each row k times in place, and they keep its set
+        beams = dict(kw, num_beams=2, num_return_sequences=2)
+        mixed = model.generate(input_ids=x, adapter_names=names, **beams)
+        assert mixed.shape[0] == 2 * len(names)
+        own = []
+        for i, name in enumerate(names):
+            with disable_adapters(model) if name == "__base__" else contextlib.nullcontext():
+                if name != "__base__":
+                    activate(model, name)
+                own.append(model.generate(input_ids=x[i : i + 1], **beams))
+        assert torch.equal(mixed, torch.cat(own))
+        assert find_state(model).route is None
+        with pytest.raises(PeftConfigError, match="3 entries but the batch has 6 rows"):  # a plain call: no repeat
+            model(input_ids=torch.cat([x, x]), adapter_names=names)
 
     class Wrapper(torch.nn.Module):  # a LightningModule-like module whose forward cannot take adapter_names
         def __init__(self) -> None:

@@ -3,8 +3,9 @@
 As ``peft``'s mixed-batch inference (``model(**inputs, adapter_names=[...])``)::
 
     model(input_ids=ids, attention_mask=mask, adapter_names=["sentiment", "__base__", "topic", "sentiment"])
+    model.generate(input_ids=ids, adapter_names=["sentiment", "__base__", "topic", "sentiment"], num_beams=2)
     with mixed_batch(model, ["sentiment", "__base__", "topic", "sentiment"]):
-        model(input_ids=ids, attention_mask=mask)  # or model.generate(...), or a LightningModule around it
+        model(input_ids=ids, attention_mask=mask)  # or a LightningModule around the model, or a user loop
 
 Row ``i`` of the output equals what the model computes for row ``i`` alone with set ``adapter_names[i]`` active
 (``"__base__"``: with no set active). The base layers run once on the whole batch; each set's deltas run on its
@@ -23,13 +24,18 @@ raises for ``adapter_names`` in training mode too), a set merged into the base (
 first), unknown names (the message lists the loaded sets) and a list whose length is not the batch size.
 
 The ``adapter_names`` keyword is taken out by a forward pre-hook that :func:`~lightning_peft.stack.apply_peft`
-puts on the model the sets live on (and the last set's removal takes off). A normal forward pays one dictionary
+puts on the model the sets live on (and the last set's removal takes off), and by a ``generate`` bound to that
+model instance, which runs the model's own ``generate`` inside :func:`mixed_batch`. Inside :func:`mixed_batch`
+(only there), a batch ``k`` times as long as the names is ``generate()``'s expansion of every input row into ``k``
+consecutive rows (``num_beams``, ``num_return_sequences``), and each keeps its row's set, as ``peft`` expands the
+names for beams. A normal forward pays one dictionary
 lookup for it, and ``torch.compile`` traces it without a graph break.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -58,6 +64,13 @@ class _Route(RowRoute):
         super().__init__(names)
         self.from_call = from_call
         self.exit = contextlib.ExitStack()
+        self.repeats = 1
+
+    def repeat_rows(self, k: int) -> None:
+        """Each row's name repeated ``k`` times in place: ``generate()`` expands every input row into ``k``
+        consecutive rows (``num_beams`` / ``num_return_sequences``), which keep their row's set."""
+        RowRoute.__init__(self, [n for n in self.names for _ in range(k)])
+        self.repeats *= k
 
 
 def _holder(state: AdapterState) -> nn.Module:
@@ -140,11 +153,16 @@ def _batch_size(args: tuple, kwargs: dict[str, Any]) -> tuple[str, int] | None:
 
 def _check_batch(route: RowRoute, args: tuple, kwargs: dict[str, Any]) -> None:
     found = _batch_size(args, kwargs)
-    if found is not None and found[1] != route.batch:
-        raise PeftConfigError(
-            f"{MIXED_KWARG} has {route.batch} entries but the batch has {found[1]} rows ({found[0]}); give one "
-            f"name per row"
-        )
+    if found is None or found[1] == route.batch:
+        return
+    if isinstance(route, _Route) and not route.from_call and route.repeats == 1 and found[1] % route.batch == 0:
+        # inside mixed_batch (and generate(adapter_names=...)): generate() repeats each row k times in place
+        route.repeat_rows(found[1] // route.batch)
+        return
+    raise PeftConfigError(
+        f"{MIXED_KWARG} has {route.batch} entries but the batch has {found[1]} rows ({found[0]}); give one "
+        f"name per row"
+    )
 
 
 def _begin(state: AdapterState, route: _Route) -> None:
@@ -193,24 +211,45 @@ class _Router:
             _end(self.state)
 
 
+def generate(self: nn.Module, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    """The model's own ``generate``, taking ``adapter_names`` as ``peft``'s does: each input row generates with
+    its set (its beams and returned sequences too). Bound to a model by :func:`install_router`."""
+    own = type(self).generate
+    if adapter_names is None:
+        return own(self, *args, **kwargs)
+    with mixed_batch(self, adapter_names):
+        return own(self, *args, **kwargs)
+
+
 def install_router(model: nn.Module, state: AdapterState) -> None:
-    """Let ``model(..., adapter_names=[...])`` run a mixed-adapter batch (once per model; called by ``apply_peft``)."""
+    """Let ``model(..., adapter_names=[...])`` and ``model.generate(..., adapter_names=[...])`` run a mixed-adapter
+    batch (once per model; called by ``apply_peft``)."""
     if _ROUTER in state.__dict__:
         return
     router = _Router(state)
     state.__dict__[_ROUTER] = (
+        model,
         model.register_forward_pre_hook(router.pre, with_kwargs=True, prepend=True),  # before the prompt host's
         model.register_forward_hook(router.post, with_kwargs=True, always_call=True),
     )
+    if callable(getattr(type(model), "generate", None)) and "generate" not in model.__dict__:
+        model.__dict__["generate"] = types.MethodType(generate, model)  # the instance's, copied with it
 
 
 def uninstall_router(state: AdapterState, force: bool = False) -> None:
-    """Take the hooks off once the model holds no adapter set (``force``: even if it does; called by
-    :meth:`PeftStack.remove <lightning_peft.stack.PeftStack.remove>`)."""
+    """Take the hooks (and the ``generate`` wrapper) off once the model holds no adapter set (``force``: even if
+    it does; called by :meth:`PeftStack.remove <lightning_peft.stack.PeftStack.remove>`)."""
     if state.stacks and not force:
         return
-    for handle in state.__dict__.pop(_ROUTER, ()):
+    router = state.__dict__.pop(_ROUTER, None)
+    if router is None:
+        return
+    model, *handles = router
+    for handle in handles:
         handle.remove()
+    bound = model.__dict__.get("generate")
+    if isinstance(bound, types.MethodType) and bound.__func__ is generate:
+        del model.__dict__["generate"]
 
 
 @contextlib.contextmanager
