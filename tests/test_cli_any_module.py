@@ -240,6 +240,13 @@ def test_merge_and_export_refuse_bad_input_clearly(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         run_cli(["merge", "--help"])
     assert info.value.code == 0 and "--dtype" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:  # the top-level help lists the subcommands LightningCLI does not know
+        run_cli(["--help"])
+    top = " ".join(capsys.readouterr().out.split())
+    assert info.value.code == 0 and all(f"`{c}" in top for c in ("recipes", "merge --ckpt_path", "export --ckpt_path"))
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--help"])
+    assert "merge --ckpt_path" not in " ".join(capsys.readouterr().out.split())
 
 
 # -- 2. short names in a user's own LightningCLI ----------------------------------------------------------------------

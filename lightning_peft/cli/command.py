@@ -185,9 +185,18 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PeftCLI | None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": EPILOG, "fit": {}},  # the top-level help only (a subcommand key keeps it there)
         args=None if args is None else resolved,
         run=run,
     )
+
+
+#: the subcommands of ``lightning-peft`` that are not LightningCLI's, listed under its top-level ``--help``
+EPILOG = (
+    "more subcommands: `recipes` (list the installed recipes), `merge --ckpt_path CKPT --output DIR` (a merged "
+    "model folder from a checkpoint), `export --ckpt_path CKPT --output DIR` (an adapter folder in peft's layout "
+    "from a checkpoint); each takes --help"
+)
 
 
 def print_recipes() -> None:
