@@ -96,6 +96,27 @@ def test_ddp_ranks_share_the_epoch_and_each_resumes_its_own_share():
     assert [b.tolist() for b in resumed] == shares[1][2:]
 
 
+def test_each_ddp_rank_restores_its_own_random_state(monkeypatch):
+    """Under DDP the checkpoint (written by rank 0) holds every rank's torch random state; each rank takes its own
+    back, and rank 0's when the world size is not the saved one (or the checkpoint predates the ranks' states)."""
+    from lightning_peft.cli.data import resumable
+
+    assert resumable.rng_state().keys() == {"cpu"}  # one process: nothing gathered
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    saved = {"cpu": states[0], "ranks": [{"cpu": states[0]}, {"cpu": states[1]}]}
+    for world, want in (((1, 2), 1), ((0, 2), 0), ((1, 3), 0)):
+        monkeypatch.setattr(resumable, "_world", lambda w=world: w)
+        torch.manual_seed(99)
+        resumable.restore_rng(saved)
+        assert torch.equal(torch.get_rng_state(), states[want]), world
+    monkeypatch.setattr(resumable, "_world", lambda: (1, 2))
+    resumable.restore_rng({"cpu": states[0]})  # an older checkpoint: rank 0's state on every rank, as before
+    assert torch.equal(torch.get_rng_state(), states[0])
+
+
 # -- in process: a module that reads estimated_stepping_batches in configure_optimizers --------------------------
 def test_resume_when_configure_optimizers_builds_the_loader_early(tmp_path):
     """Reading ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` (a warm-up schedule, say) builds
