@@ -1,6 +1,7 @@
 """Mid-epoch resume of TextDataModule's train loader: the loader's state (unit tests, worker processes, DDP shares)
 and a real ``lightning-peft fit`` killed with SIGKILL mid-epoch and resumed with ``--ckpt_path``, which must end
-with the uninterrupted run's tensors after seeing the same batches."""
+with the uninterrupted run's tensors after seeing the same batches: in one process, and as a 2-process DDP job
+(gloo, CPU) whose ranks must each see their own share again."""
 
 from __future__ import annotations
 
@@ -96,6 +97,27 @@ def test_ddp_ranks_share_the_epoch_and_each_resumes_its_own_share():
     assert [b.tolist() for b in resumed] == shares[1][2:]
 
 
+def test_each_ddp_rank_restores_its_own_random_state(monkeypatch):
+    """Under DDP the checkpoint (written by rank 0) holds every rank's torch random state; each rank takes its own
+    back, and rank 0's when the world size is not the saved one (or the checkpoint predates the ranks' states)."""
+    from lightning_peft.cli.data import resumable
+
+    assert resumable.rng_state().keys() == {"cpu"}  # one process: nothing gathered
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(torch.get_rng_state())
+    saved = {"cpu": states[0], "ranks": [{"cpu": states[0]}, {"cpu": states[1]}]}
+    for world, want in (((1, 2), 1), ((0, 2), 0), ((1, 3), 0)):
+        monkeypatch.setattr(resumable, "_world", lambda w=world: w)
+        torch.manual_seed(99)
+        resumable.restore_rng(saved)
+        assert torch.equal(torch.get_rng_state(), states[want]), world
+    monkeypatch.setattr(resumable, "_world", lambda: (1, 2))
+    resumable.restore_rng({"cpu": states[0]})  # an older checkpoint: rank 0's state on every rank, as before
+    assert torch.equal(torch.get_rng_state(), states[0])
+
+
 # -- in process: a module that reads estimated_stepping_batches in configure_optimizers --------------------------
 def test_resume_when_configure_optimizers_builds_the_loader_early(tmp_path):
     """Reading ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` (a warm-up schedule, say) builds
@@ -158,7 +180,7 @@ def _command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "lightning_peft.cli"]
 
 
-def _fit(out: Path, bert: str, data: str, *extra: str) -> subprocess.Popen:
+def _fit(out: Path, bert: str, data: str, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     args = [
         "fit",
@@ -187,9 +209,10 @@ def _fit(out: Path, bert: str, data: str, *extra: str) -> subprocess.Popen:
         f"--trainer.callbacks.out={out}",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [*_command(), *args], cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen(  # a session of its own: killpg reaches a DDP run's rank 1 (rank 0's child) too
+        [*_command(), *args], cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
     )
 
 
@@ -198,8 +221,16 @@ def _finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, output[-4000:]
 
 
-def _seen(out: Path) -> list[tuple[int, list[list[int]]]]:
-    return [tuple(json.loads(line)) for line in (out / "seen.jsonl").read_text().splitlines()]
+def _seen(out: Path, name: str = "seen.jsonl") -> list[tuple[int, list[list[int]]]]:
+    return [tuple(json.loads(line)) for line in (out / name).read_text().splitlines()]
+
+
+def _wait_ready(proc: subprocess.Popen, *files: Path) -> None:
+    deadline = time.monotonic() + 300
+    while not all(f.exists() for f in files):
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
 
 
 def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
@@ -213,11 +244,7 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     reference = _fit(straight, bert, data)
     victim = _fit(crashed, bert, data, "--trainer.callbacks.hang_at=8")
-    deadline = time.monotonic() + 300
-    while not (crashed / "ready").exists():
-        assert victim.poll() is None, victim.communicate()[0][-4000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    _wait_ready(victim, crashed / "ready")
     assert (crashed / "ready").read_text().split() == ["8", "1", "2"]  # step 8 = epoch 1, batch 2: mid-epoch
     victim.send_signal(signal.SIGKILL)
     victim.wait()
@@ -242,3 +269,72 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert a["trained"].keys() == b["trained"].keys() and any("lora_B" in k for k in a["trained"])
     for key in a["trained"]:
         assert torch.equal(a["trained"][key], b["trained"][key]), key
+
+
+# -- the same under DDP: 2 processes (gloo, CPU), the whole run killed mid-epoch -----------------------------------
+def _ddp_env() -> dict[str, str]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def _sentence(row: list[int]) -> tuple[int, ...]:
+    while row and row[-1] == 0:  # [PAD]
+        row = row[:-1]
+    return tuple(row)
+
+
+def test_ddp_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    """``lightning-peft fit --trainer.strategy=ddp --trainer.devices=2`` on the CPU: 40 distinct sentences, 4 per
+    rank per step (8 a step), 5 steps an epoch, 15 in 3 epochs, shuffled with ``seed + epoch``, dropout on. The
+    whole job (both ranks, one process group) is killed with SIGKILL after step 8 (epoch 1, batch 2; the last
+    checkpoint is step 6) and resumed with ``--ckpt_path``: each rank must train steps 7-15 on the batches it saw
+    in the uninterrupted run, the ranks' shares of every epoch must be disjoint and cover the data, and the
+    tensors must end equal to the uninterrupted run's on both ranks, bit for bit."""
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.delenv(key, raising=False)  # a launched rank must not take them from this process
+    bert = tiny_bert_dir(tmp_path)
+    rows = [(f"{text} {i}", label) for i, (text, label) in enumerate(sentiment_rows() * 3)][:40]
+    data = write_tsv(tmp_path / "train.tsv", rows)
+    ddp = ("--trainer.strategy=ddp", "--trainer.devices=2")
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    reference = _fit(straight, bert, data, *ddp, env=_ddp_env())
+    victim = _fit(crashed, bert, data, *ddp, "--trainer.callbacks.hang_at=8", env=_ddp_env())
+    _wait_ready(victim, crashed / "ready", crashed / "ready.rank1")
+    assert (crashed / "ready").read_text().split() == (crashed / "ready.rank1").read_text().split() == ["8", "1", "2"]
+    os.killpg(victim.pid, signal.SIGKILL)  # the whole job, as a preempted node loses it
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+
+    last = torch.load(crashed / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    before = {name: len(_seen(crashed, name)) for name in ("seen.jsonl", "seen.rank1.jsonl")}
+    resumed = _fit(crashed, bert, data, *ddp, f"--ckpt_path={crashed / 'ckpt' / 'last.ckpt'}", env=_ddp_env())
+    _finish(resumed)
+    _finish(reference)
+
+    wanted = [_seen(straight, name) for name in before]
+    for name, want in zip(before, wanted):
+        got = _seen(crashed, name)
+        assert [s for s, _ in want] == list(range(1, 16)) and all(len(b) == 4 for _, b in want)
+        assert _seen(crashed, name)[:8] == want[:8]
+        assert [s for s, _ in got[before[name]:]] == list(range(7, 16)), name
+        assert got[before[name]:] == want[6:], name  # this rank's batches after the checkpoint, in order
+    for epoch in range(3):  # the two ranks' shares of an epoch: disjoint, together every sentence once
+        shares = [[_sentence(r) for step, b in want if (step - 1) // 5 == epoch for r in b] for want in wanted]
+        assert not set(shares[0]) & set(shares[1])
+        assert len(set(shares[0] + shares[1])) == len(shares[0]) + len(shares[1]) == 40
+    assert wanted[0][:5] != wanted[0][5:10]  # reshuffled each epoch
+
+    results = [torch.load(d / n, weights_only=True) for d in (straight, crashed) for n in ("result.pt", "result.rank1.pt")]
+    assert all(r["world_size"] == 2 and r["global_step"] == 15 for r in results)
+    a = results[0]["trained"]
+    assert any("lora_B" in k for k in a)
+    for r in results[1:]:
+        assert r["trained"].keys() == a.keys()
+        for key in a:
+            assert torch.equal(a[key], r["trained"][key]), key

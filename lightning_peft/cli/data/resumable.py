@@ -5,6 +5,7 @@ combined_loader`` in the checkpoint) and hands it back through ``load_state_dict
 batch. A plain ``DataLoader`` has neither, so a run resumed from a mid-epoch checkpoint restarts that epoch's
 order at its first batch: it trains on batches it already saw and never on the rest. :class:`ResumableDataLoader`
 saves the epoch and the number of batches it handed out, and its :class:`ResumableSampler` skips them on resume.
+:func:`rng_state` / :func:`restore_rng` save and restore torch's random state with it, each DDP rank its own.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_peft.errors import PeftConfigError
@@ -121,4 +124,42 @@ def unloaded_state(trainer: Any) -> dict[str, int] | None:
     return states[0]  # TextDataModule has one train loader
 
 
-__all__ = ["ResumableDataLoader", "ResumableSampler", "unloaded_state"]
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's random state (CPU, and CUDA's when CUDA is in use); under DDP also every rank's, in ``"ranks"``.
+
+    The ranks' states differ after the first step (dropout draws as many numbers as a batch has tokens, and each
+    rank pads its own batches), and only rank 0 writes the checkpoint: with rank 0's state alone, the other
+    ranks would draw other dropout masks after a resume than the uninterrupted run did. Lightning calls a data
+    module's ``state_dict`` on every rank when it saves (``Trainer.save_checkpoint``), so gathering here is safe.
+    """
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    _, world = _world()
+    if world > 1:
+        ranks: list[Any] = [None] * world
+        dist.all_gather_object(ranks, dict(rng))  # works on gloo and NCCL (NCCL moves it to this rank's GPU)
+        rng["ranks"] = ranks
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved: this rank's own state when the world size is the saved one, else
+    rank 0's (a checkpoint from another world size, or one written before the ranks were saved)."""
+    rank, world = _world()
+    ranks = rng.get("ranks")
+    if isinstance(ranks, list) and len(ranks) == world:
+        rng = ranks[rank]
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+__all__ = ["ResumableDataLoader", "ResumableSampler", "restore_rng", "rng_state", "unloaded_state"]

@@ -17,7 +17,7 @@ from lightning_peft.cli.data.encoding import encode_lm, load_tokenizer, pad_batc
 from lightning_peft.cli.data.hf import load_splits, split_table
 from lightning_peft.cli.data.labels import infer_labels, read_label_map, write_labels
 from lightning_peft.cli.data.readers import DataError, Table, read_table
-from lightning_peft.cli.data.resumable import ResumableDataLoader, unloaded_state
+from lightning_peft.cli.data.resumable import ResumableDataLoader, restore_rng, rng_state, unloaded_state
 from lightning_peft.errors import PeftConfigError, preview
 
 LABELS_FILE = "labels.json"
@@ -168,21 +168,15 @@ class TextDataModule(L.LightningDataModule):
         return {name: i for i, name in enumerate(self.label_names or [])}
 
     def state_dict(self) -> dict[str, Any]:
-        """The label names, and torch's random state: restored with the checkpoint, dropout after a resume draws
-        the masks an uninterrupted run would (the train loader's position is saved by Lightning itself)."""
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
-        return {"labels": self.label_names, "rng": rng}
+        """The label names, and torch's random state (every rank's under DDP): restored with the checkpoint,
+        dropout after a resume draws the masks an uninterrupted run would (the train loader's position is saved
+        by Lightning itself)."""
+        return {"labels": self.label_names, "rng": rng_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("labels") is not None:
             self.label_names = list(state_dict["labels"])
-        rng = state_dict.get("rng") or {}
-        if "cpu" in rng:
-            torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(state_dict.get("rng") or {})
 
     def save_labels(self, path: str | os.PathLike) -> None:
         """Write the label names in id order to ``path`` (JSON: ``{"labels": [...]}``)."""
