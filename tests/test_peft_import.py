@@ -373,7 +373,7 @@ def test_peft_from_pretrained_loads_our_own_folders_under_its_name(tmp_path):
     model, stack = _perturbed([IA3(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])])
     save_adapters(model, tmp_path / "ours")
     module = CausalLMModule(model=tiny_llama(), lr=1e-2)
-    callback = PEFT.from_pretrained(tmp_path / "ours", model_attr="model", name="task")
+    callback = PEFT([], model_attr="model", name="task", pretrained=str(tmp_path / "ours"))  # a config's spelling
     trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(module, loader(lm_data(n=8, length=8), batch_size=4))
     assert callback.stack.name == "task" and list(get_state(module.model).stacks) == ["task"]
     saved = stack.adapter_state_dict()
@@ -382,6 +382,7 @@ def test_peft_from_pretrained_loads_our_own_folders_under_its_name(tmp_path):
 
 
 def test_peft_from_pretrained_errors_come_before_the_model_changes(tmp_path):
+    from lightning_peft import IA3
     from lightning_peft.callbacks import PEFT
     from tests.helpers import CausalLMModule, lm_data, loader, trainer
 
@@ -394,6 +395,10 @@ def test_peft_from_pretrained_errors_come_before_the_model_changes(tmp_path):
     _untouched(module.model, before)
     with pytest.raises(PeftConfigError, match="dirpath=3 is not valid"):
         PEFT.from_pretrained(3)
+    with pytest.raises(PeftConfigError, match="pretrained=3 is not valid"):
+        PEFT([], pretrained=3)
+    with pytest.raises(PeftConfigError, match=r"pretrained='ad' loads the folder's own strategies.*strategies=\[\]"):
+        PEFT([IA3()], pretrained="ad")
 
 
 def test_import_onto_a_lightning_module_finds_the_transformers_model_inside(tmp_path):

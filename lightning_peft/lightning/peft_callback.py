@@ -53,9 +53,10 @@ class PEFT(Callback):
             :class:`~lightning_peft.errors.PeftConfigError` showing both configurations; ``True`` removes that
             set (its trained weights are lost) and applies this callback's. The same configuration found again
             (fitting the same module twice, resuming) is kept either way.
-
-    To continue training adapters saved earlier (a :func:`~lightning_peft.io.adapters.save_adapters` folder, or
-    one Hugging Face ``peft`` wrote), build the callback with :meth:`PEFT.from_pretrained`.
+        pretrained: an adapter folder to continue training (a :func:`~lightning_peft.io.adapters.save_adapters`
+            folder, or one Hugging Face ``peft`` wrote): ``setup`` loads it instead of applying ``strategies``,
+            which must then be empty (as ``unfreeze`` and ``quantize``: the folder says them). The same as
+            :meth:`PEFT.from_pretrained`, for configs: ``init_args: {strategies: [], pretrained: adapters/}``.
 
     Several ``PEFT`` callbacks can share a Trainer when each adapts its own model (``model_attr``); every
     checkpoint holds all their adapters and each callback's state is stored under its own ``state_key``. Two
@@ -76,9 +77,17 @@ class PEFT(Callback):
         quantize: Quantization | None = None,
         gradient_checkpointing: bool = False,
         replace: bool = False,
+        pretrained: str | None = None,
     ) -> None:
         if not isinstance(replace, bool):
             raise PeftConfigError(f"replace={replace!r} is not valid; expected True or False")
+        if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+            raise PeftConfigError(f"pretrained={pretrained!r} is not valid; expected the path of an adapter folder")
+        if pretrained is not None and (strategies or quantize is not None or unfreeze):
+            raise PeftConfigError(
+                f"pretrained={os.fspath(pretrained)!r} loads the folder's own strategies, unfreeze and quantization; "
+                "give strategies=[] and no unfreeze or quantize with it (or leave pretrained out to apply them)"
+            )
         self.replace = replace
         self.strategies = [strategy_from_config(s) for s in strategies]
         self.quantize = quantize
@@ -90,7 +99,7 @@ class PEFT(Callback):
         self.name = name
         self.stack: PeftStack | None = None
         #: an adapter folder ``setup`` loads instead of applying ``strategies`` (see :meth:`from_pretrained`)
-        self.pretrained: str | None = None
+        self.pretrained: str | None = os.fspath(pretrained) if pretrained is not None else None
 
     @classmethod
     def from_pretrained(
@@ -121,10 +130,8 @@ class PEFT(Callback):
         """
         if not isinstance(dirpath, (str, os.PathLike)):
             raise PeftConfigError(f"dirpath={dirpath!r} is not valid; expected the path of an adapter folder")
-        callback = cls([], model_attr=model_attr, name=name, gradient_checkpointing=gradient_checkpointing,
-                       replace=replace)
-        callback.pretrained = os.fspath(dirpath)
-        return callback
+        return cls([], model_attr=model_attr, name=name, gradient_checkpointing=gradient_checkpointing,
+                   replace=replace, pretrained=os.fspath(dirpath))
 
     def __repr__(self) -> str:
         return f"PEFT(name={self.name!r}, model_attr={self.model_attr!r})"
