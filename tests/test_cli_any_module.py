@@ -114,6 +114,33 @@ def test_own_module_with_text_data_module_and_task_module_with_own_data(tiny, tm
     assert type(cli.model) is CausalLM and type(cli.datamodule).__name__ == "CountingData"
 
 
+def test_fit_continues_an_adapter_folder_given_in_the_config(tiny, any_run, tmp_path):
+    """`PEFT` with `pretrained:` in a YAML config loads the folder (here one `lightning-peft export` wrote) and
+    trains it further; with no step taken the adapters are the folder's."""
+    _, ckpt = any_run
+    folder = tmp_path / "adapters"
+    run_cli(["export", "--ckpt_path", ckpt, "--output", str(folder)])
+    config = tmp_path / "continue.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: PEFT\n      init_args: "
+                      f"{{strategies: [], pretrained: {folder}, model_attr: model}}\n")
+    args = [f"--model.path={tiny['llama']}", "--data=tests.cli_modules.CountingData",
+            f"--data.vocab_size={MINILM_VOCAB}", "--config", str(config), *QUIET]
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny["llama"])
+    saved = load_adapters(reference, folder).adapter_state_dict()
+    states = []
+    for steps in (0, 3):
+        cli = run_cli(["fit", "--model=tests.cli_modules.CausalLMModule", *args, f"--trainer.max_steps={steps}",
+                       f"--trainer.default_root_dir={tmp_path / str(steps)}"])
+        stack = next(c.stack for c in cli.trainer.callbacks if type(c).__name__ == "PEFT")
+        assert [(s.name, s.r) for s in stack.strategies] == [("lora", 4)]
+        states.append(stack.adapter_state_dict())
+    assert states[0].keys() == saved.keys()
+    assert all(torch.equal(states[0][k], saved[k]) for k in saved)  # loaded as saved
+    assert any(not torch.equal(states[1][k], saved[k]) for k in saved)  # and trained on from there
+
+
 # -- 3. merge and export from a checkpoint ---------------------------------------------------------------------------
 def test_export_and_merge_any_module_checkpoint(tiny, any_run, tmp_path, capsys):
     import peft
