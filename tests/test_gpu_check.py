@@ -49,6 +49,8 @@ def test_smoke_runs_every_step_and_reports_it(tmp_path):
     for row in ("qlora/ours", "qlora/peft", "lora/ours", "lora/peft", "hybrid/ours"):
         assert f"| {row} |" in report
     assert re.search(r"\| QLoRA tokens/s, ours / peft \| [\d.]+ \| >= 1.2 \| (met|MISSED) \|", report)
+    bits = float(re.search(r"QLoRA backbone on cpu: ([\d.]+) bits per quantized parameter", report).group(1))
+    assert abs(bits - 4.127) < 0.01  # nf4 + double quantization: 4 + 8/64 + 32/(64 x 256) bits
     assert (tmp_path / "gpu_profile.txt").read_text().startswith("Missed:")
     assert "===== benchmark" in (tmp_path / "gpu_check.log").read_text()
 
