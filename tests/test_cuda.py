@@ -242,15 +242,19 @@ def test_fsdp_on_one_gpu_matches_a_single_device_run(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
     runs = {}
-    for name, strategy in (("single", "auto"), ("fsdp", FSDPStrategy())):
-        torch.manual_seed(0)
-        module = CausalLMModule(model=wide_llama().train().to(torch.bfloat16), lr=1e-2)
-        final = FinalAdapters()
-        t = cuda_trainer(tmp_path / name, max_steps=5, precision="bf16-true", strategy=strategy, callbacks=[
-            PEFT([LoRA(r=4, alpha=8, target_modules=TARGETS)], model_attr="model"), final])
-        t.fit(module, loader(lm_data(n=40)))
-        assert torch.isfinite(t.callback_metrics["train_loss"])
-        runs[name] = final.adapters
+    try:
+        for name, strategy in (("single", "auto"), ("fsdp", FSDPStrategy())):
+            torch.manual_seed(0)
+            module = CausalLMModule(model=wide_llama().train().to(torch.bfloat16), lr=1e-2)
+            final = FinalAdapters()
+            t = cuda_trainer(tmp_path / name, max_steps=5, precision="bf16-true", strategy=strategy, callbacks=[
+                PEFT([LoRA(r=4, alpha=8, target_modules=TARGETS)], model_attr="model"), final])
+            t.fit(module, loader(lm_data(n=40)))
+            assert torch.isfinite(t.callback_metrics["train_loss"])
+            runs[name] = final.adapters
+    finally:  # Lightning leaves the (one-process) process group up; later tests run without one
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     single, fsdp = runs["single"], runs["fsdp"]
     assert single.keys() == fsdp.keys() and any(k.endswith("lora_B") for k in single)
     assert all(single[k].abs().sum() > 0 for k in single if k.endswith("lora_B"))  # trained (B starts at zero)
