@@ -122,7 +122,9 @@ step benchmark 200 "$PY" benchmarks/gpu_speed.py "${BENCH[@]}" --out "$WORK/benc
     echo "## CUDA tests (pytest -m cuda)"
     echo
     echo '```'
-    grep -E "^(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)|^(mixed batch|nf4 on|bf16|FSDP)|passed|failed|skipped" \
+    # each test's outcome (-rA), the figures the tests print (-s; they may follow pytest's progress dots) and the
+    # summary line
+    grep -E "^(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)|mixed batch on |nf4 on |bf16-(mixed|true): max|FSDP\(1 GPU\)|(passed|failed|skipped|error).* in [0-9.]+s" \
         "$WORK/cuda-tests.out" 2>/dev/null | cut -c1-220 | tail -80
     echo '```'
     echo
