@@ -324,7 +324,10 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
-    prof = profile(info, steps, args)
+    try:
+        prof = profile(info, steps, args)
+    except Exception as err:  # the tables above stand without it
+        prof = f"the profiler failed: {type(err).__name__}: {err}"
     if args.profile_out:
         with open(args.profile_out, "w") as f:
             f.write(prof + "\n")
