@@ -395,6 +395,7 @@ def test_readme_table_is_generated_from_the_matrix() -> None:
     assert table() in readme, "regenerate the README table with: python -m tests.matrix"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="16-mixed and CUDA bitsandbytes need a CUDA device")
 @pytest.mark.parametrize("strategy", ["lora", "lora-dora", "adalora", "ia3", "stack"])
 @pytest.mark.parametrize("base", ["linear", "nf4", "int8"])
