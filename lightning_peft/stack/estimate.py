@@ -28,7 +28,7 @@ PRECISIONS = {
 #: optimizer state bytes per trainable parameter: (bytes per element in the parameter's dtype, fixed bytes)
 OPTIMIZERS = {
     "adamw": (2.0, 0.0),  # torch AdamW: exp_avg and exp_avg_sq, each in the parameter's dtype
-    "paged_adamw": (2.0, 0.0),  # bitsandbytes paged AdamW (32-bit): the same bytes, pageable to the host
+    "paged_adamw": (0.0, 8.0),  # bitsandbytes paged AdamW (32-bit): two fp32 states, pageable to the host
     "adamw8bit": (0.0, 2.0 + 8 / 256),  # bitsandbytes 8-bit AdamW: 2 x 1 byte + 2 fp32 absmax per 256 block
     "paged_adamw8bit": (0.0, 2.0 + 8 / 256),
     "sgd": (0.0, 0.0),  # plain SGD (momentum 0): no state
@@ -84,6 +84,7 @@ def estimate_memory(
     weights_dtype: str | None = None,
     optimizer: str = "adamw",
     gradient_checkpointing: bool = False,
+    fused_loss: bool = False,
     unfreeze: Sequence[str] | str | None = None,
     device: str = "cuda",
     convention: str = "device",
@@ -109,6 +110,9 @@ def estimate_memory(
             precision, as Lightning keeps it).
         optimizer: ``"adamw"``, ``"paged_adamw"``, ``"adamw8bit"``, ``"paged_adamw8bit"`` or ``"sgd"``.
         gradient_checkpointing: keep only each block's input, and recompute one block at a time in backward.
+        fused_loss: the loss upcasts the logits to fp32 one chunk at a time and saves no fp32 copy (torchtune's
+            ``CEWithChunkedOutputLoss`` under ``torch.compile``, Liger / Unsloth kernels); default: eager
+            cross-entropy over the whole fp32 logits, as transformers computes it.
         unfreeze: modules trained fully beside the strategies, as for ``apply_peft``.
         device: ``"cuda"`` (adds the workspace constant) or ``"cpu"``.
         convention: ``"device"`` (what the allocator holds at the peak) or ``"saved-tensors"`` (what
@@ -159,12 +163,12 @@ def estimate_memory(
     if sharding == "ddp" and devices > 1 and convention == "device":
         parts["DDP gradient buckets"] = n * wb
     acts, logits, recompute = activation_bytes(census, batch_size, seq_len, act, wb, gradient_checkpointing,
-                                               convention, device)
+                                               convention, device, fused_loss)
     parts["activations"] = acts
     parts["logits + loss"] = logits
     if convention == "device":
-        if recompute:
-            parts["one block recomputed"] = recompute
+        if recompute > logits:  # backward's peak: the logits are freed by the time a block is recomputed
+            parts["backward: block recomputed"] = recompute - logits
         if quantize is not None:  # the dequantized weight of the largest linear, forward or backward
             compute = quantize.compute_dtype or "float32" if quantize.is_4bit else "float16"
             parts["dequantization buffer"] = census.largest_linear * DTYPE_BYTES[compute]
@@ -178,7 +182,7 @@ def estimate_memory(
         notes.append("saved-tensors convention: weights autograd saves are counted again, as the benchmark does")
     settings = dict(model_type=config.model_type, batch_size=batch_size, seq_len=seq_len, devices=devices,
                     sharding=sharding, precision=precision, weights_dtype=dtype, optimizer=optimizer,
-                    gradient_checkpointing=gradient_checkpointing, device=device, convention=convention,
+                    gradient_checkpointing=gradient_checkpointing, fused_loss=fused_loss, device=device, convention=convention,
                     quantize=None if quantize is None else quantize.mode,
                     virtual_tokens=census.virtual_tokens)
     return MemoryEstimate(parts={k: int(v) for k, v in parts.items()}, settings=settings,
@@ -195,7 +199,7 @@ def quantized_bits(q: Quantization) -> float:
 
 
 def activation_bytes(census: Census, batch: int, seq: int, act: int, hidden: int, checkpointing: bool,
-                     convention: str, device: str) -> tuple[int, int, int]:
+                     convention: str, device: str, fused_loss: bool = False) -> tuple[int, int, int]:
     """(activations of all blocks and the final norm, logits and loss, one block recomputed in backward).
 
     ``act`` is the bytes of an activation element, ``hidden`` those of the residual stream (the weights' dtype).
@@ -209,9 +213,12 @@ def activation_bytes(census: Census, batch: int, seq: int, act: int, hidden: int
     block = tokens * block_elements_per_token(census, act, h, i, heads * head_dim, kv, heads, device)
     final = tokens * (h * 4 + 4 + (h * act if census.head_trainable else 0))
     loss_tokens = batch * seq
-    logits = loss_tokens * vocab * 4  # the fp32 log-softmax the loss saves
-    if convention == "device":  # the logits themselves, and backward's first fp32 gradient beside them
-        logits += loss_tokens * vocab * (act + 4)
+    if fused_loss:  # the logits (the loss saves them) and one fp32 chunk of 8; their gradient replaces them
+        logits = loss_tokens * vocab * act + (loss_tokens * vocab * 4 // 8 if convention == "device" else 0)
+    else:
+        logits = loss_tokens * vocab * 4  # the fp32 log-softmax the loss saves
+        if convention == "device":  # the logits themselves, and backward's first fp32 gradient beside them
+            logits += loss_tokens * vocab * (act + 4)
     if checkpointing:
         saved = n_layers * tokens * h * hidden + final
         return saved, logits, block
