@@ -85,6 +85,7 @@ def estimate_memory(
     optimizer: str = "adamw",
     gradient_checkpointing: bool = False,
     fused_loss: bool = False,
+    quantized_saves_input: bool = False,
     unfreeze: Sequence[str] | str | None = None,
     device: str = "cuda",
     convention: str = "device",
@@ -113,12 +114,14 @@ def estimate_memory(
         fused_loss: the loss upcasts the logits to fp32 one chunk at a time and saves no fp32 copy (torchtune's
             ``CEWithChunkedOutputLoss`` under ``torch.compile``, Liger / Unsloth kernels); default: eager
             cross-entropy over the whole fp32 logits, as transformers computes it.
+        quantized_saves_input: each quantized linear keeps its input for backward, as bitsandbytes releases of
+            2023 do (0.41, used for LitGPT's published tables); 0.50 keeps only the packed weight.
         unfreeze: modules trained fully beside the strategies, as for ``apply_peft``.
         device: ``"cuda"`` (adds the workspace constant) or ``"cpu"``.
         convention: ``"device"`` (what the allocator holds at the peak) or ``"saved-tensors"`` (what
-            ``benchmarks/speed_memory.py`` counts: the storages autograd saves, plus parameters, gradients and
-            optimizer state; it counts a weight autograd saves a second time and sees neither the unsaved
-            logits nor transient buffers).
+            ``benchmarks/scaling.py`` counts: the distinct storages autograd saves for backward, plus parameters
+            with their quantization constants, gradients and optimizer state; it sees neither the logits the
+            loss does not save nor transient buffers nor the CUDA workspace).
         workspace_bytes: the CUDA constant (default 512 MiB, see ``CUDA_WORKSPACE_BYTES``).
 
     Example:
@@ -145,7 +148,9 @@ def estimate_memory(
     wb = DTYPE_BYTES[dtype]
     shard = devices if sharding == "fsdp" else 1
     parts: dict[str, int] = {}
-    notes: list[str] = []
+    notes: list[str] = [] if convention == "device" else [
+        "saved-tensors convention: the distinct storages autograd saves (weights it saves are the parameters' own "
+        "storages, counted once), plus parameters, quantization constants, gradients and optimizer state"]
 
     frozen_q, frozen_other = census.frozen["quantizable"], census.frozen["other"]
     if quantize is not None:
@@ -163,7 +168,8 @@ def estimate_memory(
     if sharding == "ddp" and devices > 1 and convention == "device":
         parts["DDP gradient buckets"] = n * wb
     acts, logits, recompute = activation_bytes(census, batch_size, seq_len, act, wb, gradient_checkpointing,
-                                               convention, device, fused_loss)
+                                               convention, device, fused_loss,
+                                               quantize is not None and quantized_saves_input)
     parts["activations"] = acts
     parts["logits + loss"] = logits
     if convention == "device":
@@ -177,9 +183,6 @@ def estimate_memory(
             parts["FSDP gathered block"] = 2 * block * wb
         if device == "cuda":
             parts["CUDA workspace"] = CUDA_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
-    else:
-        parts["weights saved by autograd"] = _saved_weight_bytes(census, quantize, wb)
-        notes.append("saved-tensors convention: weights autograd saves are counted again, as the benchmark does")
     settings = dict(model_type=config.model_type, batch_size=batch_size, seq_len=seq_len, devices=devices,
                     sharding=sharding, precision=precision, weights_dtype=dtype, optimizer=optimizer,
                     gradient_checkpointing=gradient_checkpointing, fused_loss=fused_loss, device=device, convention=convention,
@@ -199,7 +202,8 @@ def quantized_bits(q: Quantization) -> float:
 
 
 def activation_bytes(census: Census, batch: int, seq: int, act: int, hidden: int, checkpointing: bool,
-                     convention: str, device: str, fused_loss: bool = False) -> tuple[int, int, int]:
+                     convention: str, device: str, fused_loss: bool = False,
+                     quantized_saves_input: bool = False) -> tuple[int, int, int]:
     """(activations of all blocks and the final norm, logits and loss, one block recomputed in backward).
 
     ``act`` is the bytes of an activation element, ``hidden`` those of the residual stream (the weights' dtype).
@@ -210,7 +214,8 @@ def activation_bytes(census: Census, batch: int, seq: int, act: int, hidden: int
     head_dim = getattr(cfg, "head_dim", None) or h // heads
     kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
     tokens = batch * (seq + census.virtual_tokens)
-    block = tokens * block_elements_per_token(census, act, h, i, heads * head_dim, kv, heads, device)
+    block = tokens * block_elements_per_token(census, act, h, i, heads * head_dim, kv, heads, device,
+                                              quantized_saves_input)
     final = tokens * (h * 4 + 4 + (h * act if census.head_trainable else 0))
     loss_tokens = batch * seq
     if fused_loss:  # the logits (the loss saves them) and one fp32 chunk of 8; their gradient replaces them
@@ -226,7 +231,7 @@ def activation_bytes(census: Census, batch: int, seq: int, act: int, hidden: int
 
 
 def block_elements_per_token(census: Census, act: int, h: int, i: int, q: int, kv: int, heads: int,
-                             device: str) -> int:
+                             device: str, quantized_saves_input: bool = False) -> int:
     """Bytes one token's activations in one decoder block take (see docs/memory_estimate.md)."""
     total = 2 * h * 4 + 2 * 4  # each RMSNorm's input upcast to fp32 (its pow and mul save it), and its rsqrt
     total += (2 * q + 2 * kv) * act + heads * 4  # SDPA: q, k, v, output; fp32 logsumexp per head
@@ -236,6 +241,7 @@ def block_elements_per_token(census: Census, act: int, h: int, i: int, q: int, k
     needs_input: dict[str, bool] = {}
     for lin in census.layer_linears:
         plain = lin.weight_trainable or any(p == 0 for _, p, _ in lin.low_rank) or lin.scaled_input
+        plain = plain or (quantized_saves_input and not lin.weight_trainable)
         needs_input[lin.name] = needs_input.get(lin.name, False) or plain
         for _, p, per_token in lin.low_rank:
             total += per_token * act  # the rank-r intermediate
@@ -251,15 +257,6 @@ def block_elements_per_token(census: Census, act: int, h: int, i: int, q: int, k
     for b in census.bottleneck:
         total += (h + 2 * b) * act
     return total
-
-
-def _saved_weight_bytes(census: Census, quantize: Quantization | None, wb: int) -> int:
-    """Bytes of the weights autograd saves for the input gradient (every unquantized linear, and the head)."""
-    cfg = census.config
-    linears = 0 if quantize is not None else census.frozen["quantizable"]
-    if not census.frozen["quantizable"] and not census.frozen["other"]:  # full fine-tuning
-        linears = cfg.num_hidden_layers * sum(i.in_features * i.out_features for i in census.layer_linears)
-    return (linears + cfg.hidden_size * cfg.vocab_size) * wb
 
 
 def _check_choice(value: Any, valid: Any, name: str) -> None:
