@@ -56,7 +56,10 @@ def resolve_config(model_config: Any) -> Any:
     elif isinstance(model_config, dict):
         values = dict(model_config)
         model_type = values.pop("model_type", "llama")
-        config = AutoConfig.for_model(model_type, **values)
+        try:
+            config = AutoConfig.for_model(model_type, **values)
+        except Exception as err:  # transformers' ValueError, huggingface_hub's strict-dataclass validation errors
+            raise PeftConfigError(f"model_config={model_config!r} is not a valid transformers config: {err}") from None
     elif isinstance(model_config, (str, Path)) and str(model_config) in PRESETS:
         config = LlamaConfig(**PRESETS[str(model_config)])
     elif isinstance(model_config, (str, Path)) and Path(model_config).is_file():
