@@ -216,7 +216,9 @@ def activation_bytes(census: Census, batch: int, seq: int, act: int, hidden: int
     tokens = batch * (seq + census.virtual_tokens)
     block = tokens * block_elements_per_token(census, act, h, i, heads * head_dim, kv, heads, device,
                                               quantized_saves_input)
-    final = tokens * (h * 4 + 4 + (h * act if census.head_trainable else 0))
+    # the final norm: its fp32 input and rsqrt, its normalized input if it trains, the head's input if it trains
+    final = tokens * (h * 4 + 4 + (h * act if census.norms_trainable else 0)
+                      + (h * act if census.head_trainable else 0))
     loss_tokens = batch * seq
     if fused_loss:  # the logits (the loss saves them) and one fp32 chunk of 8; their gradient replaces them
         logits = loss_tokens * vocab * act + (loss_tokens * vocab * 4 // 8 if convention == "device" else 0)
@@ -227,7 +229,7 @@ def activation_bytes(census: Census, batch: int, seq: int, act: int, hidden: int
     if checkpointing:
         saved = n_layers * tokens * h * hidden + final
         return saved, logits, block
-    return n_layers * block + tokens * h * 4 + final, logits, 0
+    return n_layers * block + final, logits, 0
 
 
 def block_elements_per_token(census: Census, act: int, h: int, i: int, q: int, kv: int, heads: int,
