@@ -181,7 +181,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PeftCLI | None:
     if argv[:1] == ["estimate"]:
         from lightning_peft.cli.estimate import run_estimate
 
-        run_estimate(argv[1:])
+        run_estimate(resolve_config_args(argv[1:]))
         return None
     resolved = resolve_config_args(argv)
     if args is None:  # LightningCLI warns when given args while sys.argv has some: hand it sys.argv instead

@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from lightning_peft.cli.command import _config_path
 from lightning_peft.errors import PeftConfigError
 from lightning_peft.methods.base import Strategy, registered_strategies
 from lightning_peft.quantization.config import Quantization
@@ -60,9 +59,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_estimate(argv: list[str]) -> MemoryEstimate:
-    """Parse ``argv``, read the recipe, print the breakdown; returns the estimate."""
+    """Parse ``argv`` (``--config`` already resolved to a path by the command), read the recipe, print the
+    breakdown; returns the estimate."""
     args = parser().parse_args(argv)
-    settings = recipe_settings(_config_path(args.config)) if args.config else {}
+    settings = recipe_settings(args.config) if args.config else {}
     overrides = {
         "devices": args.devices, "batch_size": args.batch_size, "seq_len": args.seq_len,
         "precision": args.precision, "optimizer": args.optimizer, "weights_dtype": args.weights_dtype,
