@@ -29,7 +29,7 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 
 def strategies_for(method: str, r: int = 8) -> tuple[list, object]:
     """(strategies, quantization) of a scaling-study method (as benchmarks/scaling.py builds them)."""
-    from lightning_peft import AdaLoRA, LoRA, PromptTuning, Quantization
+    from lightning_peft import IA3, AdaLoRA, Adapter, LoRA, PromptTuning, Quantization
 
     q = Quantization("nf4", double_quant=True) if method == "qlora" else None
     return {
@@ -40,6 +40,9 @@ def strategies_for(method: str, r: int = 8) -> tuple[list, object]:
         "prompt": [PromptTuning(num_virtual_tokens=20)],
         "hybrid": [PromptTuning(num_virtual_tokens=10), LoRA(r=16, alpha=32, target_modules=ATTN),
                    AdaLoRA(init_r=12, target_r=4, alpha=32, target_modules=MLP)],
+        # beyond the scaling study: IA3 (k, v, down) and bottleneck adapters after each MLP
+        "ia3": [IA3(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])],
+        "adapter": [Adapter(bottleneck=16, target_modules=["mlp"])],
     }[method], q
 
 

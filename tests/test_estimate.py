@@ -63,12 +63,23 @@ def test_full_fine_tuning_trains_every_parameter():
 
 
 @pytest.mark.parametrize(("method", "batch", "seq"), [("full", 2, 32), ("lora", 2, 48), ("qlora", 1, 64),
-                                                        ("prompt", 2, 32), ("hybrid", 1, 48), ("adalora", 1, 32)])
+                                                        ("prompt", 2, 32), ("hybrid", 1, 48), ("adalora", 1, 32),
+                                                        ("ia3", 2, 32), ("adapter", 1, 48)])
 def test_predicts_measured_cpu_points_within_10_percent(method, batch, seq):
     config = estimate_check.SMALL["tiny"]
     measured = estimate_check.measure(config, method, batch, seq)
     predicted = estimate_check.predict(config, method, batch, seq)
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+
+
+def test_every_row_of_the_scaling_study_within_10_percent():
+    path = ROOT / "benchmarks" / "results" / "scaling.csv"
+    if not path.exists():
+        pytest.skip(f"{path} not found (benchmarks/scaling.py writes it)")
+    rows = estimate_check.check_csv(str(path))
+    assert rows
+    worst = max(abs(r["predicted"] / r["measured"] - 1) for r in rows)
+    assert worst < 0.10, estimate_check.table(rows)
 
 
 def test_quantized_weights_and_the_bits_per_parameter():

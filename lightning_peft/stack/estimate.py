@@ -229,7 +229,15 @@ def activation_bytes(census: Census, batch: int, seq: int, act: int, hidden: int
     if checkpointing:
         saved = n_layers * tokens * h * hidden + final
         return saved, logits, block
-    return n_layers * block + final, logits, 0
+    return n_layers * block - tokens * first_block_unsaved(census, block // tokens, act, h, i, heads * head_dim,
+                                                           kv, heads) + final, logits, 0
+
+
+def first_block_unsaved(census: Census, block: int, act: int, h: int, i: int, q: int, kv: int, heads: int) -> int:
+    """Bytes per token the first block does not save: what it computes before its first trainable parameter
+    (no gradient flows there) when neither the embedding nor prompt tokens train."""
+    norm, attention, mlp = h * 4 + 4, (2 * q + 2 * kv) * act + heads * 4, 3 * i * act
+    return (0, norm, norm + attention, 2 * norm + attention, 2 * norm + attention + mlp, block)[census.first_stage]
 
 
 def block_elements_per_token(census: Census, act: int, h: int, i: int, q: int, kv: int, heads: int,

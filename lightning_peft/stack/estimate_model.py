@@ -109,6 +109,12 @@ class Census:
     bottleneck: list[int]  # bottleneck sizes of adapters in one block
     virtual_tokens: int
     largest_linear: int  # elements of the largest quantizable linear weight
+    first_stage: int = 0  # where gradients start in the first block (FIRST_STAGES); nothing before it is saved
+
+
+#: where the first trainable parameter of the first block sits, in forward order (0: the block's input needs
+#: a gradient already: a trainable embedding, prompt tokens); 5: the block trains nothing
+FIRST_STAGES = ("input", "attention", "after attention", "mlp", "after mlp", "none")
 
 
 def _meta_safe(strategy: Strategy) -> Strategy:
@@ -157,12 +163,28 @@ def build_census(config: Any, strategies: Sequence[Strategy | dict[str, Any]], u
     linears, bottleneck = _block_linears(block)
     norms = [m for n, m in block.named_modules() if n.endswith("norm") and hasattr(m, "weight")]
     head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    first = 0 if _virtual_tokens(strategies) or any(p.requires_grad for p in embedding.parameters()) else min(
+        (_stage(name) for name, p in block.named_parameters() if p.requires_grad), default=5)
     return Census(
         config=config, frozen=frozen, trainable=trainable, layer_linears=linears,
         norms_trainable=any(m.weight.requires_grad for m in norms),
         head_trainable=head is not None and any(p.requires_grad for p in head.parameters()),
         bottleneck=bottleneck, virtual_tokens=_virtual_tokens(strategies), largest_linear=largest,
+        first_stage=first,
     )
+
+
+def _stage(name: str) -> int:
+    """The forward position (FIRST_STAGES) of a block's parameter, from its qualified name."""
+    after = "lightning_peft_adapter" in name  # a bottleneck adapter reads its module's output
+    if name.startswith(("self_attn.", "attn.", "attention.")):
+        return 2 if after else 1
+    if name.startswith("post_attention_layernorm"):
+        return 2
+    if name.startswith("mlp."):
+        return 4 if after else 3
+    return 0
 
 
 def _first_block(model: nn.Module) -> nn.Module:
