@@ -233,7 +233,7 @@ if __name__ == "__main__":
     if args.measure or args.smoke:
         sizes = ["tiny"] if args.smoke else ["8m", "40m"]
         methods = ["full", "lora", "qlora", "prompt"] if args.smoke else ["full", "lora", "qlora", "adalora",
-                                                                          "prompt", "hybrid"]
+                                                                          "prompt", "hybrid", "ia3", "adapter"]
         settings = [(2, 16)] if args.smoke else [(1, 64), (4, 128), (1, 256)]
         print(table(check_measured(sizes, methods, settings)))
     if args.published or args.smoke:
