@@ -194,8 +194,8 @@ def estimate_memory(
 
 def quantized_bits(q: Quantization) -> float:
     """Bits per weight of a quantized linear: 4 + a fp32 absmax per 64-block (4.5), or with double quantization
-    an 8-bit absmax per 64-block plus a fp32 constant per 256 of them (4.127); int8: 8 + a fp32 scale per row
-    (the row term is added by the caller's rounding; under 0.01 bits for rows of 4096)."""
+    an 8-bit absmax per 64-block plus a fp32 constant per 256 of them (4.127); int8: 8 + a fp32 scale per row,
+    taken at rows of 4096 inputs (0.008 bits)."""
     if not q.is_4bit:
         return 8.0 + 32 / 4096
     return 4 + (8 / 64 + 32 / (64 * 256) if q.double_quant else 32 / 64)
