@@ -46,11 +46,11 @@ def strategies_for(method: str, r: int = 8) -> tuple[list, object]:
     }[method], q
 
 
-def predict(config: dict, method: str, batch: int, seq: int) -> int:
+def predict(config: dict, method: str, batch: int, seq: int, precision: str = "32-true") -> int:
     from lightning_peft import estimate_memory
 
     strategies, q = strategies_for(method)
-    return estimate_memory(config, strategies, quantize=q, batch_size=batch, seq_len=seq, precision="32-true",
+    return estimate_memory(config, strategies, quantize=q, batch_size=batch, seq_len=seq, precision=precision,
                            device="cpu", convention="saved-tensors").total
 
 
@@ -72,8 +72,9 @@ def check_csv(path: str) -> list[dict]:
     return out
 
 
-def measure(config: dict, method: str, batch: int, seq: int) -> int:
-    """Peak counted as benchmarks/scaling.py counts it, after one warm-up step."""
+def measure(config: dict, method: str, batch: int, seq: int, precision: str = "32-true") -> int:
+    """Peak counted as benchmarks/scaling.py counts it, after one warm-up step. ``precision``: ``"32-true"``,
+    ``"bf16-true"`` (the model and adapters in bfloat16) or ``"bf16-mixed"`` (float32 weights, CPU autocast)."""
     from speed_memory import SavedBytes, tensor_bytes
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -81,15 +82,20 @@ def measure(config: dict, method: str, batch: int, seq: int) -> int:
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+    if precision == "bf16-true":
+        model.to(torch.bfloat16)
     strategies, q = strategies_for(method)
     if strategies:
         apply_peft(model, strategies, quantize=q)
+    if precision == "bf16-true":
+        model.to(torch.bfloat16)  # the adapters too, as Lightning's bf16-true
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(5, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     for count in (False, True):
         saved = SavedBytes()
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        mixed = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), mixed:
             loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
         loss.backward()
         opt.step()

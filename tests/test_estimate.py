@@ -72,6 +72,17 @@ def test_predicts_measured_cpu_points_within_10_percent(method, batch, seq):
     assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "prompt"])
+def test_predicts_measured_16_bit_points_within_10_percent(method, precision):
+    """bf16-true (weights and adapters in bf16) and bf16-mixed (fp32 weights, autocast: the 16-bit weight copies
+    autograd saves, bitsandbytes' fp32 outputs) on the CPU, counted as the scaling study counts."""
+    config = estimate_check.SMALL["tiny"]
+    measured = estimate_check.measure(config, method, 2, 48, precision)
+    predicted = estimate_check.predict(config, method, 2, 48, precision)
+    assert abs(predicted / measured - 1) < 0.10, (predicted, measured)
+
+
 def test_every_row_of_the_scaling_study_within_10_percent():
     path = ROOT / "benchmarks" / "results" / "scaling.csv"
     if not path.exists():

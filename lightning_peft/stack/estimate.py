@@ -167,11 +167,15 @@ def estimate_memory(
     parts[f"optimizer ({optimizer})"] = int(n * (per_elem * wb + fixed)) // shard
     if sharding == "ddp" and devices > 1 and convention == "device":
         parts["DDP gradient buckets"] = n * wb
+    # bitsandbytes returns its output in the input's dtype: float32 after a float32 norm under mixed precision
+    mlp_act = 4 if quantize is not None and precision.endswith("-mixed") and wb == 4 else act
     acts, logits, recompute = activation_bytes(census, batch_size, seq_len, act, wb, gradient_checkpointing,
                                                convention, device, fused_loss,
-                                               quantize is not None and quantized_saves_input)
+                                               quantize is not None and quantized_saves_input, mlp_act)
     parts["activations"] = acts
     parts["logits + loss"] = logits
+    if precision.endswith("-mixed") and wb > act:
+        parts["autocast weight copies"] = autocast_copy_bytes(census, quantize is not None, act)
     if convention == "device":
         if recompute > logits:  # backward's peak: the logits are freed by the time a block is recomputed
             parts["backward: block recomputed"] = recompute - logits
@@ -192,6 +196,15 @@ def estimate_memory(
                           trainable_parameters=n, frozen_parameters=frozen_q + frozen_other, notes=notes)
 
 
+def autocast_copy_bytes(census: Census, quantized: bool, act: int) -> int:
+    """Under mixed precision with float32 weights, each matmul runs on a 16-bit copy of its weight, which autograd
+    saves for the input's gradient until backward: every unquantized linear of the blocks, and the head."""
+    cfg = census.config
+    block = sum(lin.in_features * lin.out_features for lin in census.layer_linears
+                if lin.weight_trainable or not quantized)
+    return (cfg.num_hidden_layers * block + cfg.hidden_size * cfg.vocab_size) * act
+
+
 def quantized_bits(q: Quantization) -> float:
     """Bits per weight of a quantized linear: 4 + a fp32 absmax per 64-block (4.5), or with double quantization
     an 8-bit absmax per 64-block plus a fp32 constant per 256 of them (4.127); int8: 8 + a fp32 scale per row,
@@ -203,7 +216,7 @@ def quantized_bits(q: Quantization) -> float:
 
 def activation_bytes(census: Census, batch: int, seq: int, act: int, hidden: int, checkpointing: bool,
                      convention: str, device: str, fused_loss: bool = False,
-                     quantized_saves_input: bool = False) -> tuple[int, int, int]:
+                     quantized_saves_input: bool = False, mlp_act: int | None = None) -> tuple[int, int, int]:
     """(activations of all blocks and the final norm, logits and loss, one block recomputed in backward).
 
     ``act`` is the bytes of an activation element, ``hidden`` those of the residual stream (the weights' dtype).
@@ -215,7 +228,7 @@ def activation_bytes(census: Census, batch: int, seq: int, act: int, hidden: int
     kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
     tokens = batch * (seq + census.virtual_tokens)
     block = tokens * block_elements_per_token(census, act, h, i, heads * head_dim, kv, heads, device,
-                                              quantized_saves_input)
+                                              quantized_saves_input, mlp_act or act)
     # the final norm: its fp32 input and rsqrt, its normalized input if it trains, the head's input if it trains
     final = tokens * (h * 4 + 4 + (h * act if census.norms_trainable else 0)
                       + (h * act if census.head_trainable else 0))
@@ -241,11 +254,11 @@ def first_block_unsaved(census: Census, block: int, act: int, h: int, i: int, q:
 
 
 def block_elements_per_token(census: Census, act: int, h: int, i: int, q: int, kv: int, heads: int,
-                             device: str, quantized_saves_input: bool = False) -> int:
+                             device: str, quantized_saves_input: bool = False, mlp_act: int = 0) -> int:
     """Bytes one token's activations in one decoder block take (see docs/memory_estimate.md)."""
     total = 2 * h * 4 + 2 * 4  # each RMSNorm's input upcast to fp32 (its pow and mul save it), and its rsqrt
     total += (2 * q + 2 * kv) * act + heads * 4  # SDPA: q, k, v, output; fp32 logsumexp per head
-    total += 3 * i * act  # MLP: gate and up outputs (for SiLU and the product), SiLU output
+    total += 3 * i * (mlp_act or act)  # MLP: gate and up outputs (for SiLU and the product), SiLU output
     if census.norms_trainable:
         total += 2 * h * act  # the normalized input, for the norm weight's gradient
     needs_input: dict[str, bool] = {}
