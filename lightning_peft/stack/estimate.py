@@ -174,13 +174,13 @@ def estimate_memory(
                                                quantize is not None and quantized_saves_input, mlp_act)
     parts["activations"] = acts
     parts["logits + loss"] = logits
-    if precision.endswith("-mixed") and wb > act:
+    if precision.endswith("-mixed") and wb > act and not gradient_checkpointing:  # (checkpointed: none kept)
         parts["autocast weight copies"] = autocast_copy_bytes(census, quantize is not None, act)
     if convention == "device":
         if recompute > logits:  # backward's peak: the logits are freed by the time a block is recomputed
             parts["backward: block recomputed"] = recompute - logits
         if quantize is not None:  # the dequantized weight of the largest linear, forward or backward
-            compute = quantize.compute_dtype or "float32" if quantize.is_4bit else "float16"
+            compute = (quantize.compute_dtype or "float32") if quantize.is_4bit else "float16"
             parts["dequantization buffer"] = census.largest_linear * DTYPE_BYTES[compute]
         if sharding == "fsdp" and devices > 1:
             block = sum(i.in_features * i.out_features for i in census.layer_linears)
@@ -189,8 +189,8 @@ def estimate_memory(
             parts["CUDA workspace"] = CUDA_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
     settings = dict(model_type=config.model_type, batch_size=batch_size, seq_len=seq_len, devices=devices,
                     sharding=sharding, precision=precision, weights_dtype=dtype, optimizer=optimizer,
-                    gradient_checkpointing=gradient_checkpointing, fused_loss=fused_loss, device=device, convention=convention,
-                    quantize=None if quantize is None else quantize.mode,
+                    gradient_checkpointing=gradient_checkpointing, fused_loss=fused_loss, device=device,
+                    convention=convention, quantize=None if quantize is None else quantize.mode,
                     virtual_tokens=census.virtual_tokens)
     return MemoryEstimate(parts={k: int(v) for k, v in parts.items()}, settings=settings,
                           trainable_parameters=n, frozen_parameters=frozen_q + frozen_other, notes=notes)
