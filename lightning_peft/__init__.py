@@ -32,6 +32,7 @@ from lightning_peft.quantization.config import Quantization, bnb_config
 from lightning_peft.quantization.convert import quantize_model
 from lightning_peft.quantization.kbit import prepare_for_kbit_training
 from lightning_peft.stack.arithmetic import combine_adapter_sets
+from lightning_peft.stack.estimate import MemoryEstimate, estimate_memory
 from lightning_peft.stack.mixed import mixed_batch
 from lightning_peft.stack.optim import create_loraplus_optimizer, loraplus_param_groups
 from lightning_peft.stack.peft_stack import PeftStack, apply_peft
@@ -79,6 +80,7 @@ __all__ = [
     "AdapterStateError",
     "Delta",
     "LoRA",
+    "MemoryEstimate",
     "PEFTMixin",
     "PeftConfigError",
     "PeftStack",
@@ -89,6 +91,7 @@ __all__ = [
     "activate",
     "active_adapters",
     "combine_adapter_sets",
+    "estimate_memory",
     "list_adapter_sets",
     "deactivate",
     "disable_adapters",

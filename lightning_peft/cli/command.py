@@ -9,6 +9,7 @@ Usage::
     lightning-peft recipes                               # list the installed recipes and their commands
     lightning-peft export --ckpt_path CKPT --output DIR  # adapter folder (see lightning_peft.cli.convert)
     lightning-peft merge --ckpt_path CKPT --output DIR   # merged transformers model folder
+    lightning-peft estimate --config RECIPE --model-config llama-2-7b  # peak training memory per device, by part
 
 ``--config NAME`` takes the name of a recipe (the repository's ``cli_configs/``, installed with the package as
 ``lightning_peft/cli/recipes/``) or a path. Strategies are written
@@ -166,7 +167,8 @@ def main(args: list[str] | None = None) -> None:
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> PeftCLI | None:
-    """Build (and with ``run``, run) the CLI; returns it (``None`` for ``recipes``, ``merge`` and ``export``)."""
+    """Build (and with ``run``, run) the CLI; returns it (``None`` for ``recipes``, ``merge``, ``export`` and
+    ``estimate``)."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["recipes"]:
         print_recipes()
@@ -175,6 +177,11 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PeftCLI | None:
         from lightning_peft.cli.convert import run_convert
 
         run_convert(argv[0], resolve_config_args(argv[1:]))
+        return None
+    if argv[:1] == ["estimate"]:
+        from lightning_peft.cli.estimate import run_estimate
+
+        run_estimate(resolve_config_args(argv[1:]))
         return None
     resolved = resolve_config_args(argv)
     if args is None:  # LightningCLI warns when given args while sys.argv has some: hand it sys.argv instead
@@ -195,7 +202,8 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> PeftCLI | None:
 EPILOG = (
     "more subcommands: `recipes` (list the installed recipes), `merge --ckpt_path CKPT --output DIR` (a merged "
     "model folder from a checkpoint), `export --ckpt_path CKPT --output DIR` (an adapter folder in peft's layout "
-    "from a checkpoint); each takes --help"
+    "from a checkpoint), `estimate --config RECIPE --model-config CONFIG_OR_PRESET` (peak training memory per "
+    "device, by part, before any download); each takes --help"
 )
 
 
