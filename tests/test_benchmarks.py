@@ -20,6 +20,7 @@ SCRIPTS = [  # (argv, a line the script's table must print)
     (["loftq_error.py", "--smoke"], "| error removed by loftq_iter=5 |"),
     (["adapter_arithmetic.py", "--smoke"], "| 2 | cat | 8 |"),
     (["mixed_batch.py", "--smoke"], "| 2 | 4 | peft-mixed |"),
+    (["scaling.py", "--smoke"], "| tiny-b | 0.4M | qlora | 1 x 16 |"),
 ]
 
 
