@@ -72,6 +72,22 @@ def points_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def summary_table(rows: list[dict], batch: int = 1, seq: int = 128) -> str:
+    """One setting, every size and method: the table for BENCHMARKS.md."""
+    out = [f"| size | method | trainable | trainable % | counted peak MiB (batch {batch} x {seq}) | "
+           "of it activations | RSS step growth MiB | step (ms) | checkpoint | export |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if (r["batch"], r["seq"]) != (batch, seq):
+            continue
+        export = f"{int(r['export_bytes']) / 2**10:,.0f} KiB" if r["export_bytes"] not in ("", None) else "-"
+        out.append(f"| {r['size']} ({r['params'] / 1e6:,.1f}M) | {r['method']} | {r['trainable_params']:,} | "
+                   f"{100 * r['trainable_params'] / r['params']:.3f} | {mib(r['peak_counted_bytes'])} | "
+                   f"{mib(r['activation_bytes'])} | {mib(r['rss_step_growth_bytes'])} | {1000 * r['step_s']:,.0f} | "
+                   f"{r['checkpoint_bytes'] / 2**10:,.0f} KiB | {export} |")
+    return "\n".join(out)
+
+
 def exponents(rows: list[dict]) -> tuple[str, dict]:
     """The fitted exponents of every curve, as a Markdown table and a dict."""
     fits: dict = {}
@@ -121,9 +137,12 @@ def checks(rows: list[dict]) -> str:
         qbytes = r["weights_bytes"] - (full["weights_bytes"] - 4 * r["quantized_linear_params"]) - \
             (r["trainable_bytes"] - full["trainable_bytes"])
         bits = 8 * qbytes / r["quantized_linear_params"]
+        n_linear = 7 * r["layers"]  # q, k, v, o, gate, up, down per layer
+        excess = (qbytes - QLORA_BITS / 8 * r["quantized_linear_params"]) / n_linear
         out.append(f"QLoRA {r['size']:>5}: {bits:.4f} bits per quantized linear parameter "
-                   f"({r['quantized_linear_params']:,} parameters; {bits / QLORA_BITS:.4f}x the 4.127 of QLoRA), "
-                   f"whole model {8 * r['weights_bytes'] / r['params']:.2f} bits/param")
+                   f"({r['quantized_linear_params']:,} parameters; {bits / QLORA_BITS:.4f}x the 4.127 of QLoRA; "
+                   f"{excess:,.0f} B above it per quantized layer), whole model "
+                   f"{8 * r['weights_bytes'] / r['params']:.2f} bits/param")
     for size in dict.fromkeys(r["size"] for r in rows):
         for m in methods(rows):
             pts = [r for r in rows if r["size"] == size and r["method"] == m]
@@ -131,9 +150,14 @@ def checks(rows: list[dict]) -> str:
                 continue
             s = slope([r["tokens"] for r in pts], [r["activation_bytes"] for r in pts])
             per_tok = [r["activation_bytes"] / r["tokens"] for r in sorted(pts, key=lambda r: r["tokens"])]
-            out.append(f"activations vs tokens {size:>5} {m:>8}: slope {s:.3f} (theory 1); bytes/token "
-                       f"{per_tok[0] / 1024:.1f} KiB at {min(r['tokens'] for r in pts)} tokens, "
-                       f"{per_tok[-1] / 1024:.1f} KiB at {max(r['tokens'] for r in pts)}")
+            line = (f"activations vs tokens {size:>5} {m:>8}: slope {s:.3f} (theory 1); bytes/token "
+                    f"{per_tok[0] / 1024:.1f} KiB at {min(r['tokens'] for r in pts)} tokens, "
+                    f"{per_tok[-1] / 1024:.1f} KiB at {max(r['tokens'] for r in pts)}")
+            if pts[0]["num_virtual_tokens"]:  # the model sees batch x (seq + virtual) tokens
+                seen = [r["batch"] * (r["seq"] + r["num_virtual_tokens"]) for r in pts]
+                line += f"; against batch x (seq + {pts[0]['num_virtual_tokens']} virtual) tokens: slope " + \
+                    f"{slope(seen, [r['activation_bytes'] for r in pts]):.3f}"
+            out.append(line)
     return "\n".join(out)
 
 
@@ -191,6 +215,7 @@ def report(rows: list[dict], plots: str | None = None) -> None:
     """Print the points, the fitted exponents and the theory checks; draw the plots into ``plots``."""
     folder = plots
     print("\n" + points_table(rows))
+    print("\n" + summary_table(rows))
     table, _ = exponents(rows)
     print("\nfitted log-log exponents (least-squares slope)\n\n" + table)
     print("\ntheory checks\n" + checks(rows))
