@@ -185,18 +185,23 @@ def draw_plots(rows: list[dict], folder: str) -> list[str]:
     plt.close(fig)
     sizes = [s for s in dict.fromkeys(r["size"] for r in rows)
              if len({r["seq"] for r in rows if r["size"] == s and r["batch"] == 1}) >= 3]
-    if sizes:
-        fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 4 * len(sizes)), squeeze=False)
-        for row_axes, size in zip(axes, sizes):
+    every = [s for s in dict.fromkeys(r["size"] for r in rows)
+             if len({r["seq"] for r in rows if r["size"] == s and r["batch"] == 1}) >= 2]
+    if sizes or every:
+        panels = [(size, curves_vs_seq(rows, size, 1)) for size in sizes[:1]]
+        panels += [("lora, every size", {s: curves_vs_seq(rows, s, 1).get("lora", []) for s in every})]
+        fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4 * len(panels)), squeeze=False)
+        for row_axes, (title, curves) in zip(axes, panels):
             for ax, key, label in ((row_axes[0], "activation_bytes", "saved activations (MiB)"),
                                    (row_axes[1], "step_s", "step time (s)")):
-                for m, c in curves_vs_seq(rows, size, 1).items():
+                for name, c in curves.items():
                     if not c:
                         continue
                     ys = [r[key] / (2**20 if key.endswith("bytes") else 1) for r in c]
-                    ax.plot([r["seq"] for r in c], ys, "o-", label=f"{m} (slope {_f(slope([r['seq'] for r in c], ys))})")
+                    ax.plot([r["seq"] for r in c], ys, "o-",
+                            label=f"{name} (slope {_f(slope([r['seq'] for r in c], ys))})")
                 ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=label,
-                       title=f"{size}: {label}, batch 1")
+                       title=f"{title}: {label}, batch 1")
                 ax.grid(True, which="both", alpha=0.3)
                 ax.legend(fontsize=7)
         fig.tight_layout()
