@@ -21,6 +21,7 @@ SCRIPTS = [  # (argv, a line the script's table must print)
     (["adapter_arithmetic.py", "--smoke"], "| 2 | cat | 8 |"),
     (["mixed_batch.py", "--smoke"], "| 2 | 4 | peft-mixed |"),
     (["estimate_check.py", "--smoke"], "| tiny qlora b2 s16 |"),
+    (["scaling.py", "--smoke"], "| tiny-b | 0.4M | qlora | 1 x 16 |"),
 ]
 
 
