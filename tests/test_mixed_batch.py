@@ -314,6 +314,17 @@ def test_exception_in_forward_ends_the_routing_and_hooks_go_with_the_last_set():
     assert twin.__dict__ is not model.__dict__
 
 
+def each_row_alone(model, names: list[str], x: torch.Tensor, **kw) -> torch.Tensor:
+    """``generate`` of each row alone under its own set (or the base), concatenated."""
+    own = []
+    for i, name in enumerate(names):
+        with disable_adapters(model) if name == "__base__" else contextlib.nullcontext():
+            if name != "__base__":
+                activate(model, name)
+            own.append(model.generate(input_ids=x[i : i + 1], **kw))
+    return torch.cat(own)
+
+
 def test_generate_takes_adapter_names_with_beams_and_a_wrapper_takes_the_context():
     model = build(tiny_llama(), {k: v for k, v in layer_sets("llama").items() if k in ("lora", "ia3")})
     names = ["ia3", "lora", "__base__"]
@@ -322,26 +333,14 @@ def test_generate_takes_adapter_names_with_beams_and_a_wrapper_takes_the_context
     with torch.no_grad():
         with mixed_batch(model, names):
             expected = model.generate(input_ids=x, **kw)
-        own = []
-        for i, name in enumerate(names):
-            with disable_adapters(model) if name == "__base__" else contextlib.nullcontext():
-                if name != "__base__":
-                    activate(model, name)
-                own.append(model.generate(input_ids=x[i : i + 1], **kw))
-        assert torch.equal(expected, torch.cat(own))
+        assert torch.equal(expected, each_row_alone(model, names, x, **kw))
         # generate() takes the names itself, as peft's does
         assert torch.equal(model.generate(input_ids=x, adapter_names=names, **kw), expected)
         # beams and returned sequences: generate() repeats each row k times in place, and they keep its set
         beams = dict(kw, num_beams=2, num_return_sequences=2)
         mixed = model.generate(input_ids=x, adapter_names=names, **beams)
         assert mixed.shape[0] == 2 * len(names)
-        own = []
-        for i, name in enumerate(names):
-            with disable_adapters(model) if name == "__base__" else contextlib.nullcontext():
-                if name != "__base__":
-                    activate(model, name)
-                own.append(model.generate(input_ids=x[i : i + 1], **beams))
-        assert torch.equal(mixed, torch.cat(own))
+        assert torch.equal(mixed, each_row_alone(model, names, x, **beams))
         assert find_state(model).route is None
         with pytest.raises(PeftConfigError, match="3 entries but the batch has 6 rows"):  # a plain call: no repeat
             model(input_ids=torch.cat([x, x]), adapter_names=names)
