@@ -170,7 +170,7 @@ def module_section(checkpoint: dict[str, Any], ckpt_path: str, config: str | Non
 
     ``model_class`` is the class the user named (``--model``): trusted, and it replaces the one found."""
     if config is not None:  # a recipe's name is already its path here (run_cli resolves --config)
-        return {**_section_of(_read_yaml(config, "--config"), config, "--config"), "from": f"--config {config}"}
+        return {**_section_of(read_yaml_config(config, "--config"), config, "--config"), "from": f"--config {config}"}
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "_class_path" in hparams:
         init = {k: v for k, v in hparams.items() if not k.startswith("_")}
@@ -181,7 +181,7 @@ def module_section(checkpoint: dict[str, Any], ckpt_path: str, config: str | Non
     for place in RUN_CONFIG_PLACES:
         found = (Path(ckpt_path).parent / place).resolve()
         if found.is_file():
-            section = _section_of(_read_yaml(str(found), "the run's config"), str(found), "the run's config")
+            section = _section_of(read_yaml_config(str(found), "the run's config"), str(found), "the run's config")
             _check_class_paths(section, str(found), model_class)
             return {**section, "from": f"the run's config {found}"}
     init = {k: v for k, v in hparams.items() if not k.startswith("_")}
@@ -197,7 +197,8 @@ def module_section(checkpoint: dict[str, Any], ckpt_path: str, config: str | Non
     )
 
 
-def _read_yaml(path: str, what: str) -> dict[str, Any]:
+def read_yaml_config(path: str, what: str) -> dict[str, Any]:
+    """A LightningCLI config file as a dict; a :class:`PeftConfigError` naming ``what`` when it is not one."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -342,4 +343,4 @@ def _tokenizer(value: str | None, module: L.LightningModule, section: dict[str, 
         return None
 
 
-__all__ = ["COMMANDS", "build_module", "module_section", "parser_for", "read_checkpoint", "run_convert"]
+__all__ = ["COMMANDS", "build_module", "module_section", "parser_for", "read_checkpoint", "read_yaml_config", "run_convert"]

@@ -6,8 +6,9 @@
 The recipe gives the strategies and quantization (the task module's ``strategies`` / ``quantization``, or a
 ``PEFT`` callback's ``strategies`` / ``quantize``), ``gradient_checkpointing``, ``torch_dtype``, the batch size and
 the maximum length (``data.init_args.batch_size`` / ``max_length``), ``trainer.precision`` (Lightning's
-``"32-true"`` when the recipe sets none) / ``devices`` and the optimizer; every one of them can be overridden on the command line. Nothing is downloaded: the model is built on
-the ``meta`` device from the config (see :func:`lightning_peft.estimate_memory`).
+``"32-true"`` when the recipe sets none) / ``devices`` and the optimizer; every one of them can be overridden on
+the command line. Nothing is downloaded: the model is built on the ``meta`` device from the config (see
+:func:`lightning_peft.estimate_memory`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lightning_peft.cli.convert import read_yaml_config
 from lightning_peft.errors import PeftConfigError
 from lightning_peft.methods.base import Strategy, registered_strategies
 from lightning_peft.quantization.config import Quantization
@@ -89,12 +89,7 @@ def run_estimate(argv: list[str]) -> MemoryEstimate:
 
 def recipe_settings(path: str) -> dict[str, Any]:
     """The estimate's arguments a LightningCLI recipe fixes (see the module docstring)."""
-    try:
-        config = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise PeftConfigError(f"--config {path!r} cannot be read as YAML: {err}") from None
-    if not isinstance(config, dict):
-        raise PeftConfigError(f"--config {path!r} is not a mapping of LightningCLI groups (model:, data:, ...)")
+    config = read_yaml_config(path, "--config")
     model = _init_args(config.get("model"))
     data = _init_args(config.get("data"))
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
