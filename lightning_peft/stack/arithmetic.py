@@ -245,14 +245,18 @@ def _kind(stack: PeftStack) -> str:
 
 
 # -- the inputs, layer by layer ----------------------------------------------------------------------------------
-def _layers(root: nn.Module, wanted: set[str]) -> list[str]:
-    """The adapted layers named in ``wanted``, in module order (the order ``peft`` visits them in)."""
-    return [n for n, m in root.named_modules() if isinstance(m, AdaptedLayer) and n in wanted]
+def _per_layer(stacks: dict[str, PeftStack]) -> tuple[dict[str, dict[str, nn.Module]], nn.Module, list[str]]:
+    """Per set, layer name -> its delta; the model; and every layer some set adapts, in module order (the order
+    ``peft`` visits them in)."""
+    per_set = {n: dict(zip(s.applied[0].targets, s.applied[0].modules)) for n, s in stacks.items()}
+    root = next(iter(stacks.values())).model
+    wanted = {layer for deltas in per_set.values() for layer in deltas}
+    return per_set, root, [n for n, m in root.named_modules() if isinstance(m, AdaptedLayer) and n in wanted]
 
 
 def _lora_parts(stacks: dict[str, PeftStack], weights: dict[str, float]) -> dict[str, list[LoRAPart]]:
     """Layer name -> the weighted LoRA deltas of the sets that adapt it, in the order of ``weights``."""
-    per_set = {n: dict(zip(s.applied[0].targets, s.applied[0].modules)) for n, s in stacks.items()}
+    per_set, root, layers = _per_layer(stacks)
     for n, deltas in per_set.items():
         grouped = next((layer for layer, d in deltas.items() if isinstance(d, LoRAConvDelta) and d.groups > 1),
                        None)
@@ -261,8 +265,6 @@ def _lora_parts(stacks: dict[str, PeftStack], weights: dict[str, float]) -> dict
                 f"set {n!r} has LoRA on the grouped conv {grouped!r}, whose factors have no combined form; leave it "
                 "out of the sets to combine"
             )
-    root = next(iter(stacks.values())).model
-    layers = _layers(root, {layer for deltas in per_set.values() for layer in deltas})
     return {
         layer: [LoRAPart(weights[n], per_set[n][layer], root.get_submodule(layer).base_layer)
                 for n in weights if layer in per_set[n]]
@@ -272,9 +274,7 @@ def _lora_parts(stacks: dict[str, PeftStack], weights: dict[str, float]) -> dict
 
 def _ia3_combined(stacks: dict[str, PeftStack], weights: dict[str, float]) -> tuple[IA3, dict[str, tuple[Tensor]]]:
     """peft's IA3 combination: per layer, ``sum_i w_i l_i`` over the sets that scale it (from zero)."""
-    per_set = {n: dict(zip(s.applied[0].targets, s.applied[0].modules)) for n, s in stacks.items()}
-    root = next(iter(stacks.values())).model
-    layers = _layers(root, {layer for deltas in per_set.values() for layer in deltas})
+    per_set, _, layers = _per_layer(stacks)
     tensors: dict[str, tuple[Tensor]] = {}
     feedforward = []
     for layer in layers:
