@@ -1,9 +1,7 @@
-"""LoRA factors in ``peft``'s layout, per kind of adapted layer: their key names and their zero-padding to one rank.
-
-``peft`` (0.21) saves a linear's and a conv's factors as ``<module>.lora_A.weight`` / ``<module>.lora_B.weight``
-(a conv's with the conv shapes: A (r, in, *kernel), B (out, r / groups, 1, ...)), and an embedding's as
-``<module>.lora_embedding_A`` (r, num_embeddings) / ``<module>.lora_embedding_B`` (embedding_dim, r), with no
-``.weight``.
+"""LoRA factors in ``peft``'s layout, per kind of adapted layer: their full key names and their zero-padding to
+one rank. The key endings per layer kind are LoRA's own (:func:`~lightning_peft.methods.lora.peft_format.
+factor_suffixes`, which the import reads too); a conv's factors keep the conv shapes: A (r, in, *kernel),
+B (out, r / groups, 1, ...).
 """
 
 from __future__ import annotations
@@ -12,13 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.errors import PeftConfigError
+from lightning_peft.methods.lora.peft_format import factor_suffixes
 
 
 def peft_lora_key(module: str, which: str, layer: nn.Module) -> str:
     """PEFT's key of factor ``which`` (``"A"`` or ``"B"``) of the LoRA on ``module`` (an adapted layer)."""
-    if layer.kind == "embedding":
-        return f"base_model.model.{module}.lora_embedding_{which}"
-    return f"base_model.model.{module}.lora_{which}.weight"
+    return f"base_model.model.{module}.{factor_suffixes(layer.kind)[which == 'B']}"
 
 
 def pad_rank(A: Tensor, B: Tensor, r: int, layer: nn.Module, module: str) -> tuple[Tensor, Tensor]:

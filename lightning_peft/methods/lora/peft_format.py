@@ -109,6 +109,12 @@ def lora_kwargs(config: dict[str, Any], tensors: dict[str, dict[str, Tensor]], p
     }
 
 
+def factor_suffixes(kind: str) -> tuple[str, str]:
+    """The endings of ``peft``'s keys of A and B on a layer of ``kind`` (``"linear"``, ``"embedding"``, ``"conv"``);
+    the export writes them and the import reads them."""
+    return ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+
+
 def lora_state(lora: Any, module: str, base: nn.Module | None, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """``peft``'s tensors of ``module`` as the LoRA delta's state (``lora_A``, ``lora_B``, DoRA's magnitude)."""
     kind = base_kind(base) if base is not None else None
@@ -119,18 +125,16 @@ def lora_state(lora: Any, module: str, base: nn.Module | None, tensors: dict[str
         )
     n_in, n_out = base_shape(base)
     k = lora.rank_of(module)
+    names = factor_suffixes(kind)
     if kind == "embedding":
-        names = ("lora_embedding_A", "lora_embedding_B")
         shapes: tuple[tuple[int, ...], ...] = ((k, n_in), (n_out, k))
     elif kind == "conv":
-        names = ("lora_A.weight", "lora_B.weight")
         dims = base.weight.dim() - 2
         if k % base.groups:
             raise AdapterStateError(f"module {module!r} is a conv with groups={base.groups}, which does not divide "
                                     f"its rank {k} in the peft folder")
         shapes = ((k, n_in, *base.kernel_size), (n_out, k // base.groups, *(1,) * dims))
     else:
-        names = ("lora_A.weight", "lora_B.weight")
         shapes = ((k, n_in), (n_out, k))
     A, B = take(tensors, module, *names)
     check_shape(module, names[0], A, shapes[0])
