@@ -168,6 +168,16 @@ def run(row: str, args, seed: int, train, test, tok) -> dict:
         opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=LORAPLUS_RATIO)
     else:
         opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+    accuracy, train_s = fit_and_score(model, opt, args, seed, train, test, tok, allocator, extra)
+    init = args.prompt_init if ("prompt" in row or "hybrid" in row) else "-"
+    return {"row": row, "who": ROWS[row]["who"], "seed": seed, "accuracy": accuracy,
+            "trainable": n_trainable, "train_s": round(train_s, 1), "steps": args.steps, "prompt_init": init}
+
+
+def fit_and_score(model, opt, args, seed: int, train, test, tok, allocator=None, extra=None) -> tuple[float, float]:
+    """Train ``model`` for ``args.steps`` steps of ``args.batch`` sentences drawn from ``train`` with ``seed``; return
+    (accuracy on ``test`` in %, training seconds). ``allocator(step)`` runs after each optimizer step (AdaLoRA's
+    budget), ``extra()`` is added to the loss (AdaLoRA's orthogonality term)."""
     g = torch.Generator().manual_seed(seed)
     # one training-noise stream per seed for every row: building a model may draw from the global generator
     # (PEFT's prompt table is drawn at random before the text init overwrites it), which would otherwise shift
@@ -196,9 +206,7 @@ def run(row: str, args, seed: int, train, test, tok) -> dict:
                       return_tensors="pt")
             pred = model(**enc).logits.argmax(-1)
             correct += (pred == torch.tensor(test[1][i:i + 128])).sum().item()
-    init = args.prompt_init if ("prompt" in row or "hybrid" in row) else "-"
-    return {"row": row, "who": ROWS[row]["who"], "seed": seed, "accuracy": 100 * correct / len(test[0]),
-            "trainable": n_trainable, "train_s": round(train_s, 1), "steps": args.steps, "prompt_init": init}
+    return 100 * correct / len(test[0]), train_s
 
 
 def main() -> None:
