@@ -26,7 +26,7 @@ from lightning_peft.methods.bottleneck import Adapter
 from lightning_peft.methods.ia3 import IA3
 from lightning_peft.methods.lora import LoRA
 from lightning_peft.methods.peft_protocol import register_peft_import
-from lightning_peft.methods.prompt import PromptTuning, PTuning
+from lightning_peft.methods.prompt import PrefixTuning, PromptTuning, PTuning
 from lightning_peft.methods.selective import BitFit, LayerNormTuning, Unfreeze
 from lightning_peft.quantization.config import Quantization, bnb_config
 from lightning_peft.quantization.convert import quantize_model
@@ -73,6 +73,7 @@ __all__ = [
     "IA3",
     "LayerNormTuning",
     "PTuning",
+    "PrefixTuning",
     "PromptTuning",
     "Unfreeze",
     "AdaLoRA",

@@ -24,11 +24,13 @@ DELTAS = "adapters"
 ADAPTER_CONTAINER = "lightning_peft_adapter"
 #: prompt providers, on the prompted model: ``lightning_peft_prompts.sets.<set>.*``
 PROMPT_HOST = "lightning_peft_prompts"
+#: prefix-tuning encoders, on the prefixed model: ``lightning_peft_prefixes.sets.<set>.*``
+PREFIX_HOST = "lightning_peft_prefixes"
 #: the frozen base layer inside an adapted linear
 BASE_LAYER = "base_layer"
 
 #: a parameter or module name inside something a strategy added (not the user's model)
-ADDED = re.compile(rf"(^|\.)({DELTAS}|{ADAPTER_CONTAINER}|{PROMPT_HOST})\.")
+ADDED = re.compile(rf"(^|\.)({DELTAS}|{ADAPTER_CONTAINER}|{PROMPT_HOST}|{PREFIX_HOST})\.")
 
 #: the attribute (in the model's ``__dict__``, so not a submodule) holding its :class:`AdapterState`
 STATE_ATTR = "_lightning_peft_state"

@@ -30,11 +30,11 @@ from lightning_peft.core.state import get_state
 from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
 from lightning_peft.io.peft_common import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, hf_model_root
 from lightning_peft.methods.base import Strategy
-from lightning_peft.methods.peft_protocol import PROMPT_PART, peft_importer
+from lightning_peft.methods.peft_protocol import PREFIX_PART, PROMPT_PART, peft_importer
 from lightning_peft.stack.peft_stack import DEFAULT_SET, PeftStack, apply_peft
 
 #: ``peft``'s key prefix: the tuner's model inside ``PeftModel`` (LoRA, IA3, ...), or the model itself (prompts)
-_KEY_PREFIX = {PROMPT_PART: "base_model."}
+_KEY_PREFIX = {PROMPT_PART: "base_model.", PREFIX_PART: "base_model."}
 _DEFAULT_KEY_PREFIX = "base_model.model."
 
 

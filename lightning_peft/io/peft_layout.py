@@ -14,6 +14,8 @@ nothing here looks at strategy names.
   with one scale instead (serving engines read a single ``r`` / ``lora_alpha``). LoRA on embeddings and convs
   keeps PEFT's key names and shapes (:mod:`~lightning_peft.io.lora_layout`).
 - ``ia3``: the scaling vectors (``ia3_l``) of one scaling strategy (IA3).
+- ``prefix``: a prefix-tuning table (``prompt_embeddings``, ``PREFIX_TUNING``), its MLP evaluated once and folded in
+  as ``peft``'s ``get_prompt_embedding_to_save`` does (the native files keep the MLP); a gated prefix has no form.
 - ``prompt``: the prompt strategies' final embeddings (``prompt_embeddings``); a P-tuning encoder is evaluated
   once and stored as plain prompt tuning, so this part cannot resume training (the native files can).
 
@@ -44,7 +46,13 @@ from lightning_peft.io.peft_common import (
 )
 from lightning_peft.io.peft_dora import add_magnitudes, fold_refusal
 from lightning_peft.methods.base import Level, Strategy
-from lightning_peft.methods.peft_protocol import LOW_RANK_PART, PROMPT_PART, SCALING_PART, LowRankFactors
+from lightning_peft.methods.peft_protocol import (
+    LOW_RANK_PART,
+    PREFIX_PART,
+    PROMPT_PART,
+    SCALING_PART,
+    LowRankFactors,
+)
 from lightning_peft.stack.peft_stack import PeftStack
 
 
@@ -223,6 +231,28 @@ def prompt_part_of(
     return PeftPart(PROMPT_PART, config, {"prompt_embeddings": embeddings}, {}, names)
 
 
+# -- prefix tuning ---------------------------------------------------------------------------------------------
+def _prefix_part(stack: PeftStack, root: nn.Module) -> tuple[PeftPart | None, str | None]:
+    """The stack's prefix as one PEFT ``PREFIX_TUNING`` adapter (its table, any MLP folded), or why it has none."""
+    found = [(s, m) for s, a in zip(stack.strategies, stack.applied) if s.peft_part == PREFIX_PART for m in a.modules]
+    if not found:
+        return None, None
+    if any(s.level is Level.INPUT and s.peft_part != PREFIX_PART for s in stack.strategies):
+        return None, "PEFT holds one prompt-learning adapter per model, so a prefix next to a prompt has no PEFT form"
+    strategy, provider = found[0]
+    prefix = strategy.peft_prefix(provider)
+    if prefix.table is None:
+        return None, prefix.refusal
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        **common_config(stack, root),
+        **prefix.config,
+        "init_weights": None,
+        "modules_to_save": None,
+    }
+    return PeftPart(PREFIX_PART, config, {"prompt_embeddings": prefix.table}, {}, [strategy.name]), None
+
+
 # -- modules_to_save -------------------------------------------------------------------------------------------
 def _modules_to_save(stack: PeftStack, root: nn.Module, prefix: str) -> tuple[list[str], str | None]:
     """Module names (relative to ``root``) PEFT must save in full, or why that is impossible.
@@ -277,18 +307,21 @@ def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank:
     refusal = fold_refusal(_low_rank(stack)) or _conversion_refusal(stack)
     lora = None if refusal else _lora_part(stack, root, prefix, native, uniform_rank)
     add_magnitudes(lora, stack, prefix, native)
+    prefix_part, prefix_refusal = _prefix_part(stack, root)
     parts = [
         p
         for p in (
             lora,
             _ia3_part(stack, root, prefix, native),
             prompt_part_of(stack, root, prefix, native),
+            prefix_part,
         )
         if p is not None
     ]
     covered = {n for p in parts for n in p.strategies}
     skipped = {
         s.name: refusal if refusal and s.peft_part == LOW_RANK_PART
+        else prefix_refusal if prefix_refusal and s.peft_part == PREFIX_PART
         else f"PEFT has no format for {type(s).__name__} (kept in the native files only)"
         for s in stack.strategies
         if s.name not in covered
@@ -299,7 +332,7 @@ def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank:
     elif modules and not parts and stack.unfreeze:
         skipped["unfreeze"] = "PEFT's modules_to_save needs a PEFT adapter to belong to"
     for part in parts:  # every part carries them: PEFT's SEQ_CLS models insist on their heads
-        if part.name != PROMPT_PART:
+        if part.name not in (PROMPT_PART, PREFIX_PART):
             key_prefix = "base_model.model."
         elif len(parts) > 1:  # the prompt adapter is loaded around the inner PeftModel (see the README)
             key_prefix = "base_model.base_model.model."

@@ -20,7 +20,7 @@ from lightning_peft.methods.base import (
 from lightning_peft.methods.bottleneck import Adapter, BottleneckAdapter
 from lightning_peft.methods.ia3 import IA3, IA3Delta
 from lightning_peft.methods.lora import LoRA, LoRADelta
-from lightning_peft.methods.prompt import PromptStrategy, PromptTuning, PTuning
+from lightning_peft.methods.prompt import PrefixTuning, PromptStrategy, PromptTuning, PTuning
 from lightning_peft.methods.selective import BitFit, LayerNormTuning, SelectiveStrategy, Unfreeze
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "LoRA",
     "LoRADelta",
     "PTuning",
+    "PrefixTuning",
     "PromptStrategy",
     "PromptTuning",
     "RankAllocator",

@@ -20,7 +20,12 @@ from lightning_peft.core.layer import AdaptedLayer, Delta, adapt_layer, restore_
 from lightning_peft.core.state import AdapterState
 from lightning_peft.core.targets import resolve_targets
 from lightning_peft.errors import PeftConfigError, preview
-from lightning_peft.methods.peft_protocol import LowRankFactors, ScalingVector, register_peft_import
+from lightning_peft.methods.peft_protocol import (
+    LowRankFactors,
+    PrefixTable,
+    ScalingVector,
+    register_peft_import,
+)
 
 _REGISTRY: dict[str, type[Strategy]] = {}
 
@@ -79,7 +84,7 @@ class Strategy:
     #: maps the small inner dimension back out); LoRA+ gives them a larger learning rate
     up_factors: ClassVar[tuple[str, ...]] = ()
     #: which part of ``peft``'s layout holds the strategy (:mod:`lightning_peft.methods.peft_protocol`:
-    #: ``LOW_RANK_PART``, ``SCALING_PART``, ``PROMPT_PART``); ``None``: ``peft`` has no format for it
+    #: ``LOW_RANK_PART``, ``SCALING_PART``, ``PROMPT_PART``, ``PREFIX_PART``); ``None``: ``peft`` has no format for it
     peft_part: ClassVar[str | None] = None
     #: the ``peft_type`` values of ``adapter_config.json`` this class builds itself from (:meth:`from_peft`)
     peft_types: ClassVar[tuple[str, ...]] = ()
@@ -99,6 +104,10 @@ class Strategy:
     def peft_prompt(self, provider: nn.Module) -> Tensor:
         """Export (``peft_part == PROMPT_PART``): the (num_virtual_tokens, dim) embeddings ``provider`` prepends."""
         raise NotImplementedError(f"{type(self).__name__} has no prompt embeddings for peft's layout")
+
+    def peft_prefix(self, provider: nn.Module) -> PrefixTable:
+        """Export (``peft_part == PREFIX_PART``): the key/value table ``provider`` holds, with its config fields."""
+        raise NotImplementedError(f"{type(self).__name__} has no key/value prefix for peft's layout")
 
     def peft_config(self) -> dict[str, Any] | None:
         """Export: the ``adapter_config.json`` fields of a part holding only this strategy when its

@@ -34,7 +34,8 @@ from lightning_peft.errors import AdapterStateError, PeftConfigError, preview
 LOW_RANK_PART = "lora"  # peft_type LORA: ``B A`` factors per module, one scale per module
 SCALING_PART = "ia3"  # peft_type IA3: one scaling vector per module
 PROMPT_PART = "prompt"  # peft_type PROMPT_TUNING: the virtual token embeddings
-PARTS = (LOW_RANK_PART, SCALING_PART, PROMPT_PART)
+PREFIX_PART = "prefix"  # peft_type PREFIX_TUNING: the key/value prefixes of every attention layer, as one table
+PARTS = (LOW_RANK_PART, SCALING_PART, PROMPT_PART, PREFIX_PART)
 
 #: ``adapter_config.json`` keys that describe the folder rather than the computation, or that the importer handles
 #: for every type (``modules_to_save``); ``fan_in_fan_out`` is ``peft``'s own per-layer setting, which it corrects
@@ -66,6 +67,17 @@ class ScalingVector:
     vector: Tensor
     feedforward: bool
     name: str | None = None
+
+
+@dataclass
+class PrefixTable:
+    """One prefix's key/value table in ``peft``'s ``PREFIX_TUNING`` layout: ``(num_virtual_tokens, num_layers * 2 *
+    token_dim)`` (a reparameterization MLP folded in) and the ``adapter_config.json`` fields describing it; or,
+    with ``refusal``, why it has no such form."""
+
+    table: Tensor | None
+    config: dict[str, Any]
+    refusal: str | None = None
 
 
 def register_peft_import(peft_type: str, cls: type, *, replace: bool = False) -> None:
@@ -151,7 +163,9 @@ def take(tensors: dict[str, Tensor], module: str, *keys: str) -> list[Tensor]:
 __all__ = [
     "LOW_RANK_PART",
     "PARTS",
+    "PREFIX_PART",
     "PROMPT_PART",
+    "PrefixTable",
     "SCALING_PART",
     "LowRankFactors",
     "ScalingVector",
