@@ -140,6 +140,8 @@ def test_parallel_target_that_changes_width_is_refused_before_touching_the_model
     with pytest.raises(PeftConfigError, match=r"intermediate' \(BertIntermediate\): its input width 32 differs from "
                                               r"its output width 64"):
         apply_peft(tiny_bert(), [Adapter(placement="parallel", target_modules=["intermediate"])])
+    with pytest.raises(PeftConfigError, match=r"beside 'model\.embed_tokens' \(Embedding\): its input is token ids"):
+        apply_peft(model, [Adapter(placement="parallel", target_modules=["embed_tokens"])])
 
 
 @pytest.mark.parametrize(
