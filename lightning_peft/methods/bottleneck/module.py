@@ -23,7 +23,6 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tan
 RESIDUAL_INPUT = "input_tensor"
 
 
-
 def input_position(module: nn.Module, name: str | None) -> tuple[int, str]:
     """(position, name) of ``module.forward``'s parameter ``name`` (default: its first one)."""
     params = [p for p in inspect.signature(module.forward).parameters.values()
