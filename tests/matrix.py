@@ -1,6 +1,6 @@
 """The combination matrix: base layer x strategy x precision x operation, as a pairwise covering array.
 
-The full product (9 bases x 11 strategies x 4 precisions x 7 operations = 2,772 cells) does not fit the
+The full product (9 bases x 13 strategies x 4 precisions x 8 operations = 3,744 cells) does not fit the
 suite's time budget, so :func:`cells` returns a covering array of strength 2: every pair of values of any two
 factors (every base with every strategy, every strategy with every operation, every precision with every
 operation, ...) appears in at least one cell. The few (base, strategy) pairs that do not apply are left out
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 #: (each next to the attention and feed-forward linears the strategy targets)
 BASES = ["linear", "conv1d", "nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "embedding", "conv2d"]
 STRATEGIES = ["lora", "lora-rslora", "lora-dropout", "lora-shared-dropout", "lora-dora", "lora-pissa", "lora-loftq",
-              "adalora", "ia3", "adapter", "stack"]
+              "lora-gated", "adalora", "ia3", "adapter", "adapter-parallel", "stack"]
 PRECISIONS = ["fp32", "bf16-true", "bf16-mixed", "16-mixed"]  # 16-mixed: fp16 autocast, on the CPU too
 OPERATIONS = ["train", "merge", "export-merged", "peft-load", "peft-import", "reload-renamed", "resume", "mixed-batch"]
 FACTORS = {"base": BASES, "strategy": STRATEGIES, "precision": PRECISIONS, "operation": OPERATIONS}
@@ -32,8 +32,9 @@ FACTORS = {"base": BASES, "strategy": STRATEGIES, "precision": PRECISIONS, "oper
 STRATEGY_TITLES = {
     "lora": "LoRA", "lora-rslora": "LoRA (rsLoRA)", "lora-dropout": "LoRA (dropout 0.1)",
     "lora-shared-dropout": "LoRA (shared dropout 0.1)", "lora-dora": "DoRA", "lora-pissa": "LoRA (PiSSA init)",
-    "lora-loftq": "LoRA (LoftQ init)", "adalora": "AdaLoRA",
-    "ia3": "IA3", "adapter": "bottleneck adapter", "stack": "prompt + LoRA + AdaLoRA",
+    "lora-loftq": "LoRA (LoftQ init)", "lora-gated": "gated LoRA (UniPELT)", "adalora": "AdaLoRA",
+    "ia3": "IA3", "adapter": "bottleneck adapter", "adapter-parallel": "parallel adapter (learned scaling)",
+    "stack": "prompt + LoRA + AdaLoRA",
 }
 BASE_TITLES = {
     "linear": "`nn.Linear`", "conv1d": "GPT-2 `Conv1D`", "nf4": "`Linear4bit` nf4", "nf4-dq": "nf4 + double quant",
@@ -44,7 +45,9 @@ BASE_TITLES = {
 PEFT_OPERATIONS = ("peft-load", "peft-import")
 QUANTIZED = {"nf4", "nf4-dq", "fp4", "fp4-dq", "int8"}
 #: strategies whose deltas sit on linears only (told to adapt an embedding or a conv, they refuse)
-LINEAR_ONLY = {"lora-dora", "lora-pissa", "lora-loftq", "adalora", "ia3"}
+LINEAR_ONLY = {"lora-dora", "lora-pissa", "lora-loftq", "lora-gated", "adalora", "ia3"}
+#: the bottleneck adapters (sequential, and parallel with a learned scale): they sit after or beside sublayers
+ADAPTERS = {"adapter", "adapter-parallel"}
 OPERATION_TITLES = {
     "train": "forward + backward", "merge": "merge / unmerge", "export-merged": "`merge_and_export` → reload",
     "peft-load": "`save_adapters` → `peft`",
@@ -73,7 +76,7 @@ REFUSED, NATIVE_ONLY = "refused", "native only"
 
 def applicable(base: str, strategy: str) -> bool:
     """Whether the pair means anything (the covering array leaves the others out)."""
-    if strategy == "adapter":
+    if strategy in ADAPTERS:
         return base not in ("embedding", "conv2d")
     return not (strategy == "stack" and base == "conv2d")
 
@@ -86,15 +89,19 @@ def refusal(base: str, strategy: str, operation: str) -> tuple[str, str] | None:
     ``apply``-time refusals hold for every operation: the stack cannot be built.
     """
     if base in ("embedding", "conv2d") and strategy in LINEAR_ONLY:
-        return REFUSED, "DoRA, the PiSSA and LoftQ inits, AdaLoRA and IA3 adapt linear layers only"
+        return REFUSED, "DoRA, the PiSSA and LoftQ inits, gated LoRA, AdaLoRA and IA3 adapt linear layers only"
     if strategy == "lora-loftq" and base not in QUANTIZED:
         return REFUSED, "LoftQ fits the adapter to the error of the quantization apply_peft does: it needs quantize="
     if strategy == "lora-pissa" and base in QUANTIZED and operation in PEFT_OPERATIONS:
         return NATIVE_ONLY, "PiSSA on a quantized base has no exact peft form (the residual's quantization error)"
-    if strategy == "adapter" and operation == "export-merged":
+    if strategy in ADAPTERS and operation == "export-merged":
         return REFUSED, "a bottleneck adapter cannot be folded into the base weights; use save_adapters"
-    if strategy == "adapter" and operation in PEFT_OPERATIONS:
+    if strategy in ADAPTERS and operation in PEFT_OPERATIONS:
         return NATIVE_ONLY, "peft has no bottleneck adapter"
+    if strategy == "lora-gated" and operation in ("merge", "export-merged"):
+        return REFUSED, "a gated LoRA depends on the input: it cannot be folded into the base weights"
+    if strategy == "lora-gated" and operation in PEFT_OPERATIONS:
+        return NATIVE_ONLY, "peft has no gates"
     if strategy == "stack" and operation in PEFT_OPERATIONS:
         return NATIVE_ONLY, "peft cannot stack prompt tuning with LoRA"
     return None

@@ -108,18 +108,24 @@ class RowRoute:
         return out
 
     # -- module outputs and prompts ------------------------------------------------------------------------
-    def module_output(self, name: str, output: Any, adapt: Callable[[Tensor], Tensor]) -> Any:
-        """``output`` (a tensor, or a tuple led by one) with ``adapt`` applied to the rows of set ``name``."""
+    def module_output(self, name: str, output: Any, adapt: Callable[..., Tensor], source: Tensor | None = None) -> Any:
+        """``output`` (a tensor, or a tuple led by one) with ``adapt`` applied to the rows of set ``name``:
+        ``adapt(output[rows])``, or with a ``source`` (a parallel adapter's input) ``adapt(output[rows],
+        source[rows])``."""
         if name not in self.groups:
             return None
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-            return (self.module_output(name, output[0], adapt), *output[1:])
+            return (self.module_output(name, output[0], adapt, source), *output[1:])
         if not isinstance(output, Tensor):
             return None
         self.check_batch(output, "a bottleneck adapter")
         rows = self.rows(name, output.device)
         out = output.clone()  # the module's output may be another tensor's view (its input, a cache): no in-place
-        out[rows] = adapt(output[rows])
+        if source is None:
+            out[rows] = adapt(output[rows])
+        else:
+            self.check_batch(source, "a parallel bottleneck adapter's input")
+            out[rows] = adapt(output[rows], source[rows]).to(out.dtype)
         return out
 
     def per_row(self, values: dict[str, Tensor]) -> Tensor:

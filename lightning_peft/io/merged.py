@@ -27,6 +27,7 @@ from lightning_peft.core.backend import (
     is_quantized,
     stored_weight,
 )
+from lightning_peft.core.gate import is_gated
 from lightning_peft.core.layer import AdaptedLayer, merge_refusals
 from lightning_peft.core.state import get_stack
 from lightning_peft.errors import PeftConfigError
@@ -140,6 +141,8 @@ def _check_mergeable(stack: PeftStack) -> list[str]:
             continue  # trains the base model's own tensors: they are already the merged model's weights
         elif not strategy.mergeable:
             blocked.append(f"{strategy.name} ({type(strategy).__name__})")
+        elif is_gated(strategy):  # its update depends on the input (lightning_peft.core.gate)
+            blocked.append(f"{strategy.name} ({type(strategy).__name__}(gate=True): a gated update depends on the input)")
     if blocked:
         raise PeftConfigError(
             f"merge_and_export: {', '.join(blocked)} cannot be folded into the base weights; export the stack "

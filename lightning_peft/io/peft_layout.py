@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_peft.core.backend import is_conv1d, is_quantized
+from lightning_peft.core.gate import is_gated
 from lightning_peft.core.layer import AdaptedLinear
 from lightning_peft.io.lora_layout import pad_rank, peft_lora_key
 from lightning_peft.io.peft_common import (
@@ -58,7 +59,14 @@ from lightning_peft.stack.peft_stack import PeftStack
 
 # -- low-rank part ----------------------------------------------------------------------------------------------
 def _low_rank(stack: PeftStack) -> list[Strategy]:
-    return [s for s in stack.strategies if s.peft_part == LOW_RANK_PART]
+    """The strategies the LoRA part holds: not a gated one (``gate=True``: ``peft`` has no gates)."""
+    return [s for s in stack.strategies if s.peft_part == LOW_RANK_PART and not is_gated(s)]
+
+
+def gate_refusal(strategy: Strategy) -> str:
+    """Why a gated strategy has no ``peft`` form."""
+    return (f"peft has no gates: {type(strategy).__name__}(gate=True) multiplies its update by sigmoid(W x + b) "
+            "of the layer input, which no peft adapter computes (kept in the native files only)")
 
 
 def _conversion_refusal(stack: PeftStack) -> str | None:
@@ -320,7 +328,8 @@ def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank:
     ]
     covered = {n for p in parts for n in p.strategies}
     skipped = {
-        s.name: refusal if refusal and s.peft_part == LOW_RANK_PART
+        s.name: gate_refusal(s) if is_gated(s)
+        else refusal if refusal and s.peft_part == LOW_RANK_PART
         else prefix_refusal if prefix_refusal and s.peft_part == PREFIX_PART
         else f"PEFT has no format for {type(s).__name__} (kept in the native files only)"
         for s in stack.strategies

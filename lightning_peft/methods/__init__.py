@@ -18,6 +18,7 @@ from lightning_peft.methods.base import (
     strategy_from_config,
 )
 from lightning_peft.methods.bottleneck import Adapter, BottleneckAdapter
+from lightning_peft.methods.gate import Gated
 from lightning_peft.methods.ia3 import IA3, IA3Delta
 from lightning_peft.methods.lora import LoRA, LoRADelta
 from lightning_peft.methods.prompt import PrefixTuning, PromptStrategy, PromptTuning, PTuning
@@ -31,6 +32,7 @@ __all__ = [
     "ApplyContext",
     "BitFit",
     "BottleneckAdapter",
+    "Gated",
     "IA3",
     "IA3Delta",
     "LayerNormTuning",

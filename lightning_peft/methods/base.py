@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from lightning_peft.core.backend import BaseKind
+from lightning_peft.core.gate import GatedDelta, is_gated
 from lightning_peft.core.layer import AdaptedLayer, Delta, adapt_layer, restore_layer
 from lightning_peft.core.state import AdapterState
 from lightning_peft.core.targets import resolve_targets
@@ -254,6 +255,9 @@ class LayerStrategy(Strategy):
     ``base_kinds`` lists the kinds of base layer (:func:`~lightning_peft.core.backend.base_kind`) the strategy's
     deltas can sit on: linears only unless a strategy says more (LoRA also adapts named embeddings and convs).
     A named target of another kind is refused in :meth:`plan`, before the model is touched.
+
+    A strategy whose config has ``gate=True`` (:class:`~lightning_peft.methods.gate.Gated`) gets each delta
+    wrapped in a :class:`~lightning_peft.core.gate.GatedDelta`: ``y + sigmoid(W x + b) * delta(x)``.
     """
 
     base_kinds: ClassVar[tuple[BaseKind, ...]] = ("linear",)
@@ -289,6 +293,8 @@ class LayerStrategy(Strategy):
             layer = adapt_layer(model, name, ctx.state)
             base = layer.base_layer
             delta = self.make_delta(layer, name, applied)
+            if is_gated(self):  # UniPELT's gate on the layer input, per token (lightning_peft.core.gate)
+                delta = GatedDelta(delta, layer.in_features)
             device = next((p.device for p in base.parameters()), None)
             if device is not None and device.type != "meta":
                 delta.to(device)

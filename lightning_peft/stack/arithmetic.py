@@ -233,6 +233,11 @@ def _kind(stack: PeftStack) -> str:
                 "(peft's add_weighted_adapter keeps the new set's magnitude from the base weights, silently wrong); "
                 "combine plain LoRA sets"
             )
+        if lora.gate:
+            raise PeftConfigError(
+                f"set {stack.name!r} holds LoRA(gate=True): a gated update depends on the input (sigmoid(W x + b) "
+                "per token), so it has no weighted combination of factors; combine plain LoRA sets"
+            )
         return "lora"
     if len(strategies) == 1 and type(strategies[0]) is IA3:
         return "ia3"

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_peft.core.backend import base_shape
+from lightning_peft.core.gate import unwrap
 from lightning_peft.core.layer import AdaptedLinear, Delta
 from lightning_peft.core.state import get_stack
 from lightning_peft.core.targets import ALL_LINEAR, check_patterns
@@ -144,6 +145,9 @@ class AdaLoRA(LayerStrategy):
         beta1: EMA coefficient of the sensitivity (0.85 in the paper's experiments and in PEFT).
         beta2: EMA coefficient of the uncertainty (0.85 in the paper and in PEFT).
         orth_reg_weight: weight gamma of the orthogonal regularizer (PEFT's default 0.5).
+        gate: multiply each layer's update by a learned per-token gate ``sigmoid(W x + b)`` of the layer input
+            (UniPELT; :mod:`lightning_peft.core.gate`). The rank allocator still finds the gated deltas; a gated
+            AdaLoRA cannot be merged and has no ``peft`` form (native files only).
 
     Example:
         >>> AdaLoRA(init_r=12, target_r=4, target_modules=["query", "value"])  # doctest: +ELLIPSIS
@@ -167,6 +171,7 @@ class AdaLoRA(LayerStrategy):
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
+    gate: bool = False
 
     def __post_init__(self) -> None:
         check_positive(self.init_r, "init_r")
@@ -185,12 +190,17 @@ class AdaLoRA(LayerStrategy):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value < 1.0:
                 raise PeftConfigError(f"{arg}={value!r} is not valid; expected a number in (0, 1), e.g. 0.85")
         check_positive(self.orth_reg_weight, "orth_reg_weight", integer=False, allow_zero=True)
+        if not isinstance(self.gate, bool):
+            raise PeftConfigError(f"gate={self.gate!r} is not valid; expected True or False")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
 
     @property
     def scaling(self) -> float:
         return self.alpha / self.init_r
+
+    def variant_name(self) -> str:
+        return f"{type(self).__name__}(gate=True)" if self.gate else type(self).__name__
 
     def regularization(self, model: nn.Module) -> Tensor:
         return orthogonal_regularization(model)
@@ -268,7 +278,8 @@ def adalora_parts(stack: Any) -> tuple[AdaLoRA, dict[str, AdaLoRADelta], _Alloca
     """The AdaLoRA strategy of ``stack``, its deltas by adapted module name, and their shared flag."""
     for strategy, applied in zip(stack.strategies, stack.applied):
         if isinstance(strategy, AdaLoRA):
-            deltas = {name: d for name, d in zip(applied.targets, applied.modules)}
+            # a gated AdaLoRA (gate=True) wraps each delta: the allocator works on the AdaLoRA delta inside
+            deltas = {name: unwrap(d) for name, d in zip(applied.targets, applied.modules)}
             return strategy, deltas, applied.extra.get("allocation_flag")
     raise PeftConfigError(f"stack {stack.describe_short()} has no AdaLoRA strategy")
 

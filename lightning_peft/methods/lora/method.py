@@ -116,10 +116,14 @@ class LoRA(LayerStrategy):
             qualified name matches ``(.*\.)?key$`` (the key itself, or a dotted suffix) takes the first matching
             key's rank. Not with an init that reads the base weight.
         alpha_pattern: per-module ``alpha`` overriding ``alpha``, by the same rule.
+        gate: UniPELT's learned gate (Mao et al. 2022): each layer's update is multiplied by ``sigmoid(W x + b)``
+            of the layer input, per token (:mod:`lightning_peft.core.gate`; :func:`~lightning_peft.methods.gate.Gated`
+            sets it). Linears only; a gated LoRA cannot be merged and has no ``peft`` form (native files only). Not
+            with DoRA (which rescales the base: not additive) nor an init that reads the base weight.
 
     Example:
         >>> LoRA(r=8, alpha=16, target_modules=["query", "value"])
-        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True, shared_dropout=False, loftq_iter=1, use_dora=False, rank_pattern=None, alpha_pattern=None)
+        LoRA(r=8, alpha=16, dropout=0.0, target_modules=['query', 'value'], exclude_modules=None, use_rslora=False, init_weights=True, shared_dropout=False, loftq_iter=1, use_dora=False, rank_pattern=None, alpha_pattern=None, gate=False)
     """
 
     name = "lora"
@@ -141,6 +145,7 @@ class LoRA(LayerStrategy):
     use_dora: bool = False
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    gate: bool = False
 
     def __post_init__(self) -> None:
         check_positive(self.r, "r")
@@ -159,6 +164,19 @@ class LoRA(LayerStrategy):
                 "base layer on its own dropped-out input; use one or the other"
             )
         peft_format.check_patterns(self)
+        if not isinstance(self.gate, bool):
+            raise PeftConfigError(f"gate={self.gate!r} is not valid; expected True or False")
+        if self.gate and self.use_dora:
+            raise PeftConfigError(
+                "use_dora=True with gate=True is not supported: DoRA rescales the base weight to learned norms, which "
+                "is not an additive update a gate can multiply; use one or the other"
+            )
+        if self.gate and init.reads_base(self.init_weights):
+            raise PeftConfigError(
+                f"gate=True with init_weights={self.init_weights!r} is not supported: the base keeps only the residual "
+                "of the initial B A, so a gate (about 0.5 at the start) would change the model before training; use "
+                "init_weights=True or 'gaussian' with a gate"
+            )
         if self.use_dora and init.reads_base(self.init_weights):
             raise PeftConfigError(
                 f"use_dora=True with init_weights={self.init_weights!r} is not supported: the export back to the "
@@ -182,13 +200,15 @@ class LoRA(LayerStrategy):
     def base_kinds(self) -> tuple[BaseKind, ...]:  # type: ignore[override]
         # the embedding and conv deltas are plain LoRA: a variant (a subclass, DoRA, a base-reading init) adapts
         # linears only unless it says otherwise
-        plain = type(self) is LoRA and isinstance(self.init_weights, bool) and not self.use_dora
+        plain = type(self) is LoRA and isinstance(self.init_weights, bool) and not self.use_dora and not self.gate
         return BASE_KINDS if plain else ("linear",)
 
     def variant_name(self) -> str:
         name = type(self).__name__
         if self.use_dora:
             return f"{name}(use_dora=True)"
+        if self.gate:
+            return f"{name}(gate=True)"
         return name if isinstance(self.init_weights, bool) else f"{name}(init_weights={self.init_weights!r})"
 
     @property
