@@ -328,9 +328,9 @@ def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank:
     ]
     covered = {n for p in parts for n in p.strategies}
     skipped = {
-        s.name: gate_refusal(s) if is_gated(s)
+        s.name: prefix_refusal if prefix_refusal and s.peft_part == PREFIX_PART
+        else gate_refusal(s) if is_gated(s)
         else refusal if refusal and s.peft_part == LOW_RANK_PART
-        else prefix_refusal if prefix_refusal and s.peft_part == PREFIX_PART
         else f"PEFT has no format for {type(s).__name__} (kept in the native files only)"
         for s in stack.strategies
         if s.name not in covered
