@@ -23,9 +23,11 @@ from lightning_peft.methods.base import (
     strategy_from_config,
 )
 from lightning_peft.methods.bottleneck import Adapter
+from lightning_peft.methods.gate import Gated
 from lightning_peft.methods.ia3 import IA3
 from lightning_peft.methods.lora import LoRA
 from lightning_peft.methods.peft_protocol import register_peft_import
+from lightning_peft.methods.presets import MAM, UniPELT
 from lightning_peft.methods.prompt import PrefixTuning, PromptTuning, PTuning
 from lightning_peft.methods.selective import BitFit, LayerNormTuning, Unfreeze
 from lightning_peft.quantization.config import Quantization, bnb_config
@@ -70,12 +72,15 @@ def __dir__() -> list[str]:
 __all__ = [
     "Adapter",
     "BitFit",
+    "Gated",
     "IA3",
     "LayerNormTuning",
+    "MAM",
     "PTuning",
     "PrefixTuning",
     "PromptTuning",
     "Unfreeze",
+    "UniPELT",
     "AdaLoRA",
     "AdaptedLayer",
     "AdapterStateError",

@@ -21,6 +21,7 @@ from lightning_peft.methods.bottleneck import Adapter, BottleneckAdapter
 from lightning_peft.methods.gate import Gated
 from lightning_peft.methods.ia3 import IA3, IA3Delta
 from lightning_peft.methods.lora import LoRA, LoRADelta
+from lightning_peft.methods.presets import MAM, UniPELT
 from lightning_peft.methods.prompt import PrefixTuning, PromptStrategy, PromptTuning, PTuning
 from lightning_peft.methods.selective import BitFit, LayerNormTuning, SelectiveStrategy, Unfreeze
 
@@ -40,6 +41,7 @@ __all__ = [
     "Level",
     "LoRA",
     "LoRADelta",
+    "MAM",
     "PTuning",
     "PrefixTuning",
     "PromptStrategy",
@@ -48,6 +50,7 @@ __all__ = [
     "SelectiveStrategy",
     "Strategy",
     "Unfreeze",
+    "UniPELT",
     "cubic_budget",
     "orthogonal_regularization",
     "register_strategy",

@@ -58,6 +58,20 @@ PARALLEL_TARGETS: dict[str, list[str] | str] = {
     "t5": ["SelfAttention", "EncDecAttention", "DenseReluDense"],
 }
 PLACEMENTS = ("sequential", "parallel")
+#: ``sublayers="attention"`` / ``"ffn"``: the default sites of one kind only, per placement and model type, as regexes
+#: over whole module names (``(attention, feed-forward)``)
+_BERT_SEQ = (r"(.*\.)?attention\.output\.dense", r"(.*\.)?layer\.\d+\.output\.dense")
+_BERT_PAR = (r"(.*\.)?layer\.\d+\.attention\.output", r"(.*\.)?layer\.\d+\.output")
+_LLAMA_SEQ, _LLAMA_PAR = (r"(.*\.)?o_proj", r"(.*\.)?down_proj"), (r"(.*\.)?self_attn", r"(.*\.)?mlp")
+SUBLAYER_SITES: dict[str, dict[str, tuple[str, str]]] = {
+    "sequential": {"bert": _BERT_SEQ, "roberta": _BERT_SEQ, "llama": _LLAMA_SEQ, "mistral": _LLAMA_SEQ,
+                   "qwen2": _LLAMA_SEQ, "gpt2": (r"(.*\.)?attn\.c_proj", r"(.*\.)?mlp\.c_proj"),
+                   "t5": (r"(.*\.)?(SelfAttention|EncDecAttention)\.o", r"(.*\.)?DenseReluDense\.wo")},
+    "parallel": {"bert": _BERT_PAR, "roberta": _BERT_PAR, "llama": _LLAMA_PAR, "mistral": _LLAMA_PAR,
+                 "qwen2": _LLAMA_PAR, "gpt2": (r"(.*\.)?attn", r"(.*\.)?mlp"),
+                 "t5": (r"(.*\.)?(SelfAttention|EncDecAttention)", r"(.*\.)?DenseReluDense")},
+}
+SUBLAYERS = ("both", "attention", "ffn")
 class Site(NamedTuple):
     """One planned adapter: the module, the adapter's width, and how it attaches (``"sequential"``, ``"parallel"``
     reading the module's first input, or ``"residual"`` for a post-LN block's ``input_tensor``)."""
@@ -91,14 +105,16 @@ class Adapter(Strategy):
             target must keep its width (its input and output widths, read from its first and last linear, agree).
         scaling: the factor ``s``: a positive number (He et al. use 4 for the parallel feed-forward adapter), or
             ``"learned"``: one trained scalar per adapter, starting at 1.0 (as AdapterHub's ``scaling="learned"``).
+        sublayers: with ``target_modules=None``, which default sites: ``"both"`` (attention and feed-forward),
+            ``"attention"`` or ``"ffn"`` (the feed-forward only, as MAM's and UniPELT's adapters).
         gate: multiply the contribution by UniPELT's learned gate ``sigmoid(W x + b)`` of the adapter's input, per
             token (:mod:`lightning_peft.core.gate`); see :func:`~lightning_peft.methods.gate.Gated`.
 
     Example:
         >>> Adapter(bottleneck=16, target_modules=["attention.output.dense", "output.dense"])
-        Adapter(bottleneck=16, target_modules=['attention.output.dense', 'output.dense'], nonlinearity='relu', dropout=0.0, dim=None, init_weights=True, placement='sequential', scaling=1.0, gate=False)
+        Adapter(bottleneck=16, target_modules=['attention.output.dense', 'output.dense'], nonlinearity='relu', dropout=0.0, dim=None, init_weights=True, placement='sequential', scaling=1.0, gate=False, sublayers='both')
         >>> Adapter(bottleneck=16, placement="parallel", scaling=4.0)  # He et al.'s parallel adapter, defaults per model
-        Adapter(bottleneck=16, target_modules=None, nonlinearity='relu', dropout=0.0, dim=None, init_weights=True, placement='parallel', scaling=4.0, gate=False)
+        Adapter(bottleneck=16, target_modules=None, nonlinearity='relu', dropout=0.0, dim=None, init_weights=True, placement='parallel', scaling=4.0, gate=False, sublayers='both')
     """
 
     name = "adapter"
@@ -116,6 +132,7 @@ class Adapter(Strategy):
     placement: str = "sequential"
     scaling: float | str = 1.0
     gate: bool = False
+    sublayers: str = "both"
 
     def __post_init__(self) -> None:
         check_positive(self.bottleneck, "bottleneck")
@@ -147,12 +164,23 @@ class Adapter(Strategy):
             self.scaling = float(self.scaling)
         if not isinstance(self.gate, bool):
             raise PeftConfigError(f"gate={self.gate!r} is not valid; expected True or False")
+        if self.sublayers not in SUBLAYERS:
+            raise PeftConfigError(
+                f"sublayers={self.sublayers!r} is not valid; expected one of {list(SUBLAYERS)}"
+            )
+        if self.sublayers != "both" and self.target_modules is not None:
+            raise PeftConfigError(
+                f"sublayers={self.sublayers!r} picks among the default sites, but target_modules="
+                f"{self.target_modules!r} names the modules; pass one of them (or sublayers='both')"
+            )
 
     def _targets(self, model: nn.Module) -> list[str] | str:
         if self.target_modules is not None:
             return self.target_modules
         defaults = PARALLEL_TARGETS if self.placement == "parallel" else DEFAULT_TARGETS
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if self.sublayers != "both" and model_type in defaults:
+            return SUBLAYER_SITES[self.placement][model_type][SUBLAYERS.index(self.sublayers) - 1]
         if model_type not in defaults:
             raise PeftConfigError(
                 f"Adapter(target_modules=None, placement={self.placement!r}) has no default for "
@@ -298,4 +326,4 @@ class Adapter(Strategy):
                 continue
 
 
-__all__ = ["DEFAULT_TARGETS", "PARALLEL_TARGETS", "PLACEMENTS", "Adapter", "Site"]
+__all__ = ["DEFAULT_TARGETS", "PARALLEL_TARGETS", "PLACEMENTS", "SUBLAYERS", "SUBLAYER_SITES", "Adapter", "Site"]
