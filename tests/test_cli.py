@@ -56,6 +56,8 @@ def test_recipes_are_shipped_from_one_copy():
         "minilm_prompt_tuning",
         "minilm_hybrid",
         "minilm_qlora",
+        "minilm_mam",
+        "minilm_unipelt",
         "sst2_hybrid",
         "llama_lora",
         "llama_adalora",
@@ -88,7 +90,9 @@ def test_every_recipe_parses_and_instantiates(name, tiny, tmp_path, monkeypatch)
     model = cli.model
     assert isinstance(model, CausalLM if name.startswith("llama") else SequenceClassification)
     strategies = model.peft_strategies
-    assert strategies and all(type(s).__name__ in {"LoRA", "AdaLoRA", "PromptTuning"} for s in strategies)
+    assert strategies and all(
+        type(s).__name__ in {"LoRA", "AdaLoRA", "PromptTuning", "PrefixTuning", "Adapter"} for s in strategies
+    )
     if any(isinstance(s, AdaLoRA) for s in strategies):
         assert any(isinstance(c, RankBudgetScheduler) for c in cli.trainer.callbacks)
     assert any(isinstance(c, AdapterExport) for c in cli.trainer.callbacks)
@@ -97,7 +101,12 @@ def test_every_recipe_parses_and_instantiates(name, tiny, tmp_path, monkeypatch)
     assert model.peft_stack is not None
     if name == "minilm_loraplus":
         assert {g["name"] for g in model.configure_optimizers().param_groups} == {"loraplus_a", "loraplus_b"}
-    if "qlora" in name or name in ("demo", "sst2_hybrid", "llama_hybrid"):
+    if name in ("minilm_mam", "minilm_unipelt"):  # the presets, spelled out
+        from lightning_peft import MAM, UniPELT
+
+        preset = MAM() if name == "minilm_mam" else UniPELT()
+        assert [s.config() for s in strategies] == [s.config() for s in preset]
+    if "qlora" in name or name in ("demo", "sst2_hybrid", "llama_hybrid", "minilm_mam", "minilm_unipelt"):
         assert model.peft_stack.quantization is not None and model.peft_stack.quantization.mode == "nf4"
 
 
