@@ -25,6 +25,7 @@ from lightning_peft import (
     Adapter,
     LoRA,
     PeftConfigError,
+    PrefixTuning,
     PromptTuning,
     Quantization,
     apply_peft,
@@ -70,6 +71,8 @@ def strategies(cell: Cell) -> list:
         return [IA3(target_modules=ia3_t + extra, feedforward_modules=ia3_ff)]
     if s == "adapter":
         return [Adapter(bottleneck=4, target_modules=sites)]
+    if s == "prefix":
+        return [PrefixTuning(num_virtual_tokens=4, projection=8)]
     return [PromptTuning(num_virtual_tokens=4), LoRA(r=4, alpha=8, target_modules=attn + extra),
             AdaLoRA(init_r=4, target_r=2, alpha=8, target_modules=mlp)]
 
@@ -172,7 +175,7 @@ def op_export_merged(cell: Cell, tmp_path) -> None:
         merge_and_export(model, tmp_path / "merged")
     auto = AutoModelForImageClassification if family(cell) == "vit" else AutoModelForCausalLM
     reloaded = auto.from_pretrained(tmp_path / "merged").eval()
-    if cell.strategy == "stack":  # prompts cannot merge: saved beside the model as a peft prompt adapter
+    if cell.strategy in ("stack", "prefix"):  # prompts / prefixes cannot merge: saved beside it as a peft adapter
         import peft
 
         reloaded = peft.PeftModel.from_pretrained(reloaded, str(tmp_path / "merged" / "prompt")).eval()
@@ -333,12 +336,26 @@ REFUSAL_ERRORS = {
     "DoRA, the PiSSA and LoftQ inits": r"matches '[\w.]+' \((Embedding|Conv2d)\), which \w+(\(.*\))? cannot adapt: it "
                                        r"adapts linear layers only",
     "LoftQ fits the adapter": r"init_weights='loftq' cannot initialize .* is not quantized by this apply_peft call",
+    "a mixed-adapter batch cannot hold a prefix": r"holds PrefixTuning, an input-level strategy that mixed batches do "
+                                                   r"not know",
 }
 
 
 def refused(cell: Cell, tmp_path, reason: str) -> None:
     """The PeftConfigError comes before anything is written or changed."""
     (pattern,) = [v for k, v in REFUSAL_ERRORS.items() if reason.startswith(k)]
+    if cell.operation == "mixed-batch":  # refused when the batch is routed, before any layer runs
+        model, _ = build(cell)
+        apply_peft(model, strategies(cell), quantize=QUANT.get(cell.base), name="b")
+        if cell.precision == "bf16-true":
+            model.to(torch.bfloat16)
+        batch = {k: torch.cat([v, v]) for k, v in inputs(cell).items()}
+        with torch.no_grad():
+            before = model(**batch).logits
+            with pytest.raises(PeftConfigError, match=pattern):
+                model(**batch, adapter_names=["default", "b", "__base__", "b"])
+            assert torch.equal(model(**batch).logits, before)
+        return
     if cell.operation != "export-merged" or cell.strategy in LINEAR_ONLY or cell.strategy == "lora-loftq":
         model = base_model(cell)  # refused while applying: the model stays as it was
         before = {k: v.clone() for k, v in model.state_dict().items()}

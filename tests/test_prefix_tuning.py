@@ -24,7 +24,15 @@ from helpers import (
 )
 from torch import nn
 
-from lightning_peft import IA3, LoRA, PeftConfigError, PrefixTuning, PromptTuning, apply_peft
+from lightning_peft import (
+    IA3,
+    LoRA,
+    PeftConfigError,
+    PrefixTuning,
+    PromptTuning,
+    apply_peft,
+    merge_and_export,
+)
 from lightning_peft.core.state import PREFIX_HOST
 from lightning_peft.io.adapters import load_adapters, save_adapters
 from lightning_peft.io.peft_common import PEFT_CONFIG_NAME
@@ -197,6 +205,9 @@ def test_gated_prefix_is_not_exported_to_peft(tmp_path):
     with pytest.warns(UserWarning, match="gate=True: peft's PREFIX_TUNING has no gates"):
         folder = save_adapters(model, tmp_path / "a")
     assert not (folder / PEFT_CONFIG_NAME).exists()
+    with pytest.raises(PeftConfigError, match="gate=True: peft's PREFIX_TUNING has no gates"):
+        merge_and_export(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
     fresh = tiny_gpt2()
     load_adapters(fresh, folder)
     ids, mask = padded_batch()
