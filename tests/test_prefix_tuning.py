@@ -348,6 +348,13 @@ def test_composes_with_nf4_and_int8(tmp_path):
         assert torch.isfinite(out.logits).all()
 
 
+def test_later_all_linear_set_leaves_the_prefix_mlp_and_gates_alone():
+    model = tiny_llama()
+    apply_peft(model, [PrefixTuning(num_virtual_tokens=N, projection=8, gate=True)])
+    other = apply_peft(model, [LoRA(r=2, target_modules="all-linear")], name="b")
+    assert other.applied[0].targets and not any(PREFIX_HOST in t for t in other.applied[0].targets)
+
+
 def test_mixed_batches_with_a_prefix_set_are_refused():
     model = tiny_llama()
     apply_peft(model, [PrefixTuning(num_virtual_tokens=N)], name="a")
