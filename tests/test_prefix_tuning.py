@@ -127,8 +127,8 @@ def greedy_without_cache(model, ids, mask, steps: int):
 
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
 def test_generate_with_cache_equals_full_forwards(build):
-    """Cached generate (prefix injected at prefill, later steps only extend the mask) gives the tokens of full
-    forwards, which match peft's forward (above). peft 0.21.2's own generate drops the prefix under transformers 5
+    """Cached generate (prefix injected at prefill, later steps only extend the mask) gives the tokens of greedy
+    decoding by full forwards, ours and peft's. peft 0.21.2's own generate drops the prefix under transformers 5
     (it injects ``past_key_values`` while generate passes ``cache``), so it is not the reference here."""
     model = build()
     apply_peft(model, [PrefixTuning(num_virtual_tokens=N)])
@@ -136,6 +136,7 @@ def test_generate_with_cache_equals_full_forwards(build):
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert got.shape == (3, ids.shape[1] + 6)
     assert torch.equal(got, greedy_without_cache(model, ids, mask, 6))
+    assert torch.equal(got, greedy_without_cache(peft_twin(build, model), ids, mask, 6))  # peft's forwards
     plain = build().generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert not torch.equal(got, plain)
 
