@@ -1,11 +1,12 @@
 """The combination matrix: base layer x strategy x precision x operation, as a pairwise covering array.
 
-The full product (9 bases x 13 strategies x 4 precisions x 8 operations = 3,744 cells) does not fit the
+The full product (9 bases x 16 strategies x 4 precisions x 8 operations = 4,608 cells) does not fit the
 suite's time budget, so :func:`cells` returns a covering array of strength 2: every pair of values of any two
 factors (every base with every strategy, every strategy with every operation, every precision with every
 operation, ...) appears in at least one cell. The few (base, strategy) pairs that do not apply are left out
 (:func:`applicable`: a bottleneck adapter sits after a sublayer, not on a layer kind, and the ViT that carries
-the ``conv2d`` base has no token embeddings for prompt tuning). It is generated greedily with a fixed seed, so the cell list is
+the ``conv2d`` base has no token embeddings for prompt tuning nor a cache for prefix tuning; a prefix adapts no
+embedding). It is generated greedily with a fixed seed, so the cell list is
 stable. ``python -m tests.matrix`` prints the README's "what works together" table from the same definitions
 and outcomes that ``tests/test_matrix.py`` asserts.
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 #: (each next to the attention and feed-forward linears the strategy targets)
 BASES = ["linear", "conv1d", "nf4", "nf4-dq", "fp4", "fp4-dq", "int8", "embedding", "conv2d"]
 STRATEGIES = ["lora", "lora-rslora", "lora-dropout", "lora-shared-dropout", "lora-dora", "lora-pissa", "lora-loftq",
-              "lora-gated", "adalora", "ia3", "adapter", "adapter-parallel", "stack"]
+              "lora-gated", "adalora", "ia3", "adapter", "adapter-parallel", "stack", "prefix", "mam", "unipelt"]
 PRECISIONS = ["fp32", "bf16-true", "bf16-mixed", "16-mixed"]  # 16-mixed: fp16 autocast, on the CPU too
 OPERATIONS = ["train", "merge", "export-merged", "peft-load", "peft-import", "reload-renamed", "resume", "mixed-batch"]
 FACTORS = {"base": BASES, "strategy": STRATEGIES, "precision": PRECISIONS, "operation": OPERATIONS}
@@ -34,7 +35,8 @@ STRATEGY_TITLES = {
     "lora-shared-dropout": "LoRA (shared dropout 0.1)", "lora-dora": "DoRA", "lora-pissa": "LoRA (PiSSA init)",
     "lora-loftq": "LoRA (LoftQ init)", "lora-gated": "gated LoRA (UniPELT)", "adalora": "AdaLoRA",
     "ia3": "IA3", "adapter": "bottleneck adapter", "adapter-parallel": "parallel adapter (learned scaling)",
-    "stack": "prompt + LoRA + AdaLoRA",
+    "stack": "prompt + LoRA + AdaLoRA", "prefix": "prefix tuning", "mam": "MAM (prefix + parallel adapter)",
+    "unipelt": "UniPELT (gated LoRA + prefix + adapter)",
 }
 BASE_TITLES = {
     "linear": "`nn.Linear`", "conv1d": "GPT-2 `Conv1D`", "nf4": "`Linear4bit` nf4", "nf4-dq": "nf4 + double quant",
@@ -72,11 +74,15 @@ class Cell:
 #: raise a PeftConfigError matching the text's first words; ``native only`` cells write no ``peft`` files and
 #: load back with ``load_adapters``.
 REFUSED, NATIVE_ONLY = "refused", "native only"
+#: the strategies with a prefix in the attention cache (prefix tuning alone and the two presets holding it)
+PREFIXED = ("prefix", "mam", "unipelt")
 
 
 def applicable(base: str, strategy: str) -> bool:
     """Whether the pair means anything (the covering array leaves the others out)."""
     if strategy in ADAPTERS:
+        return base not in ("embedding", "conv2d")
+    if strategy in PREFIXED:  # in the attention cache: a base is the (quantized) model around it, not a layer kind
         return base not in ("embedding", "conv2d")
     return not (strategy == "stack" and base == "conv2d")
 
@@ -85,7 +91,8 @@ def refusal(base: str, strategy: str, operation: str) -> tuple[str, str] | None:
     """Why this combination (whatever the precision) is not a plain ✓, or ``None`` when it must work.
 
     With the ``stack`` (prompt + LoRA + AdaLoRA), ``merge`` folds the LoRA/AdaLoRA parts and the prompt stays
-    active, and ``merge_and_export`` saves the prompt beside the merged model as a ``peft`` prompt adapter.
+    active, and ``merge_and_export`` saves the prompt beside the merged model as a ``peft`` prompt adapter; the
+    same for ``prefix`` (prefix tuning alone, on a plain, GPT-2 or quantized model), saved as ``PREFIX_TUNING``.
     ``apply``-time refusals hold for every operation: the stack cannot be built.
     """
     if base in ("embedding", "conv2d") and strategy in LINEAR_ONLY:
@@ -98,12 +105,18 @@ def refusal(base: str, strategy: str, operation: str) -> tuple[str, str] | None:
         return REFUSED, "a bottleneck adapter cannot be folded into the base weights; use save_adapters"
     if strategy in ADAPTERS and operation in PEFT_OPERATIONS:
         return NATIVE_ONLY, "peft has no bottleneck adapter"
-    if strategy == "lora-gated" and operation in ("merge", "export-merged"):
+    if strategy in ("lora-gated", "unipelt") and operation in ("merge", "export-merged"):
         return REFUSED, "a gated LoRA depends on the input: it cannot be folded into the base weights"
-    if strategy == "lora-gated" and operation in PEFT_OPERATIONS:
+    if strategy == "mam" and operation == "export-merged":
+        return REFUSED, "a bottleneck adapter cannot be folded into the base weights; use save_adapters"
+    if strategy == "mam" and operation in PEFT_OPERATIONS:
+        return NATIVE_ONLY, "peft has no bottleneck adapter: its files hold the prefix alone"
+    if strategy in ("lora-gated", "unipelt") and operation in PEFT_OPERATIONS:
         return NATIVE_ONLY, "peft has no gates"
     if strategy == "stack" and operation in PEFT_OPERATIONS:
         return NATIVE_ONLY, "peft cannot stack prompt tuning with LoRA"
+    if strategy in PREFIXED and operation == "mixed-batch":
+        return REFUSED, "a mixed-adapter batch cannot hold a prefix set (rows would need their own caches)"
     return None
 
 

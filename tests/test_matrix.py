@@ -15,6 +15,7 @@ Tolerances, all on logits, relative to their largest magnitude:
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -23,10 +24,13 @@ from lightning_peft import (
     IA3,
     AdaLoRA,
     Adapter,
+    MAM,
     LoRA,
     PeftConfigError,
+    PrefixTuning,
     PromptTuning,
     Quantization,
+    UniPELT,
     apply_peft,
     load_adapters,
     merge_and_export,
@@ -73,6 +77,12 @@ def strategies(cell: Cell) -> list:
         return [Adapter(bottleneck=4, target_modules=sites)]
     if s == "adapter-parallel":  # beside the attention and MLP blocks: the defaults per model type
         return [Adapter(bottleneck=4, placement="parallel", scaling="learned")]
+    if s == "prefix":
+        return [PrefixTuning(num_virtual_tokens=4, projection=8)]
+    if s == "mam":
+        return MAM(num_virtual_tokens=4, projection=8, bottleneck=4)
+    if s == "unipelt":
+        return UniPELT(r=4, alpha=8, lora_targets=attn, num_virtual_tokens=4, projection=8, bottleneck=4)
     return [PromptTuning(num_virtual_tokens=4), LoRA(r=4, alpha=8, target_modules=attn + extra),
             AdaLoRA(init_r=4, target_r=2, alpha=8, target_modules=mlp)]
 
@@ -210,7 +220,7 @@ def op_export_merged(cell: Cell, tmp_path) -> None:
         merge_and_export(model, tmp_path / "merged")
     auto = AutoModelForImageClassification if family(cell) == "vit" else AutoModelForCausalLM
     reloaded = auto.from_pretrained(tmp_path / "merged").eval()
-    if cell.strategy == "stack":  # prompts cannot merge: saved beside the model as a peft prompt adapter
+    if cell.strategy in ("stack", "prefix"):  # prompts / prefixes cannot merge: saved beside it as a peft adapter
         import peft
 
         reloaded = peft.PeftModel.from_pretrained(reloaded, str(tmp_path / "merged" / "prompt")).eval()
@@ -357,7 +367,10 @@ def native_only(cell: Cell, tmp_path) -> None:
     model, _ = build(cell)
     ours = logits(model, cell.precision, cell)
     folder = save_adapters(model, tmp_path / "adapters")
-    assert not (folder / "adapter_config.json").exists()
+    if cell.strategy == "mam":  # peft's files hold the prefix alone (peft has no bottleneck adapter)
+        assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    else:
+        assert not (folder / "adapter_config.json").exists()
     fresh = base_model(cell)
     load_adapters(fresh, folder)
     if cell.precision == "bf16-true":
@@ -372,6 +385,8 @@ REFUSAL_ERRORS = {
                                        r"adapts linear layers only",
     "LoftQ fits the adapter": r"init_weights='loftq' cannot initialize .* is not quantized by this apply_peft call",
     "a gated LoRA depends on the input": r"a gated (delta|update) depends on the input",
+    "a mixed-adapter batch cannot hold a prefix": r"holds PrefixTuning, an input-level strategy that mixed batches do "
+                                                   r"not know",
 }
 #: the refusals raised while applying (the others come from merging an applied stack)
 APPLY_TIME = ("DoRA, the PiSSA and LoftQ inits", "LoftQ fits the adapter")
@@ -380,6 +395,18 @@ APPLY_TIME = ("DoRA, the PiSSA and LoftQ inits", "LoftQ fits the adapter")
 def refused(cell: Cell, tmp_path, reason: str) -> None:
     """The PeftConfigError comes before anything is written or changed."""
     (pattern,) = [v for k, v in REFUSAL_ERRORS.items() if reason.startswith(k)]
+    if cell.operation == "mixed-batch":  # refused when the batch is routed, before any layer runs
+        model, _ = build(cell)
+        apply_peft(model, strategies(cell), quantize=QUANT.get(cell.base), name="b")
+        if cell.precision == "bf16-true":
+            model.to(torch.bfloat16)
+        batch = {k: torch.cat([v, v]) for k, v in inputs(cell).items()}
+        with torch.no_grad():
+            before = model(**batch).logits
+            with pytest.raises(PeftConfigError, match=pattern):
+                model(**batch, adapter_names=["default", "b", "__base__", "b"])
+            assert torch.equal(model(**batch).logits, before)
+        return
     if reason.startswith(APPLY_TIME):
         model = base_model(cell)  # refused while applying: the model stays as it was
         before = {k: v.clone() for k, v in model.state_dict().items()}

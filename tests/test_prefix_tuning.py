@@ -24,7 +24,15 @@ from helpers import (
 )
 from torch import nn
 
-from lightning_peft import IA3, LoRA, PeftConfigError, PrefixTuning, PromptTuning, apply_peft
+from lightning_peft import (
+    IA3,
+    LoRA,
+    PeftConfigError,
+    PrefixTuning,
+    PromptTuning,
+    apply_peft,
+    merge_and_export,
+)
 from lightning_peft.core.state import PREFIX_HOST
 from lightning_peft.io.adapters import load_adapters, save_adapters
 from lightning_peft.io.peft_common import PEFT_CONFIG_NAME
@@ -119,8 +127,8 @@ def greedy_without_cache(model, ids, mask, steps: int):
 
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
 def test_generate_with_cache_equals_full_forwards(build):
-    """Cached generate (prefix injected at prefill, later steps only extend the mask) gives the tokens of full
-    forwards, which match peft's forward (above). peft 0.21.2's own generate drops the prefix under transformers 5
+    """Cached generate (prefix injected at prefill, later steps only extend the mask) gives the tokens of greedy
+    decoding by full forwards, ours and peft's. peft 0.21.2's own generate drops the prefix under transformers 5
     (it injects ``past_key_values`` while generate passes ``cache``), so it is not the reference here."""
     model = build()
     apply_peft(model, [PrefixTuning(num_virtual_tokens=N)])
@@ -128,6 +136,7 @@ def test_generate_with_cache_equals_full_forwards(build):
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert got.shape == (3, ids.shape[1] + 6)
     assert torch.equal(got, greedy_without_cache(model, ids, mask, 6))
+    assert torch.equal(got, greedy_without_cache(peft_twin(build, model), ids, mask, 6))  # peft's forwards
     plain = build().generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert not torch.equal(got, plain)
 
@@ -197,6 +206,9 @@ def test_gated_prefix_is_not_exported_to_peft(tmp_path):
     with pytest.warns(UserWarning, match="gate=True: peft's PREFIX_TUNING has no gates"):
         folder = save_adapters(model, tmp_path / "a")
     assert not (folder / PEFT_CONFIG_NAME).exists()
+    with pytest.raises(PeftConfigError, match="gate=True: peft's PREFIX_TUNING has no gates"):
+        merge_and_export(model, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
     fresh = tiny_gpt2()
     load_adapters(fresh, folder)
     ids, mask = padded_batch()
@@ -335,6 +347,13 @@ def test_composes_with_nf4_and_int8(tmp_path):
         out.loss.backward()
         assert encoder_of(model).prefix_embeddings.grad is not None
         assert torch.isfinite(out.logits).all()
+
+
+def test_later_all_linear_set_leaves_the_prefix_mlp_and_gates_alone():
+    model = tiny_llama()
+    apply_peft(model, [PrefixTuning(num_virtual_tokens=N, projection=8, gate=True)])
+    other = apply_peft(model, [LoRA(r=2, target_modules="all-linear")], name="b")
+    assert other.applied[0].targets and not any(PREFIX_HOST in t for t in other.applied[0].targets)
 
 
 def test_mixed_batches_with_a_prefix_set_are_refused():

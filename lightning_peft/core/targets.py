@@ -9,18 +9,23 @@ from torch import nn
 
 from lightning_peft.core.backend import BaseKind, base_kind
 from lightning_peft.core.layer import AdaptedLayer
+from lightning_peft.core.state import ADAPTER_CONTAINER, PREFIX_HOST, PROMPT_HOST
 from lightning_peft.errors import PeftConfigError, preview
 
 ALL_LINEAR = "all-linear"
+#: the containers strategies add modules in (their layers are not the model's); an adapted layer's own deltas are
+#: skipped as part of the adapted layer
+_CONTAINERS = re.compile(rf"(^|\.)({ADAPTER_CONTAINER}|{PROMPT_HOST}|{PREFIX_HOST})(\.|$)")
 HEAD_NAMES = ("score", "classifier")
 
 def adaptable_modules(model: nn.Module) -> dict[str, BaseKind]:
     """Every layer an adapted layer can hold (linears, embeddings, convs), by qualified name, with its kind; an
-    already adapted layer counts once, under its own name, with its base's kind."""
+    already adapted layer counts once, under its own name, with its base's kind. Layers a strategy added (a prefix
+    encoder's MLP, a bottleneck adapter's projections) are not the model's: left out."""
     found: dict[str, BaseKind] = {}
     inside: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(p) for p in inside):
+        if any(name.startswith(p) for p in inside) or _CONTAINERS.search(name):
             continue
         if isinstance(module, AdaptedLayer):
             inside.append(name + ".")

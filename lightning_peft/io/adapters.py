@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_peft.core.backend import base_kind, base_shape
 from lightning_peft.core.layer import AdaptedLinear
-from lightning_peft.core.state import ADAPTER_CONTAINER, DELTAS, PROMPT_HOST, get_stack
+from lightning_peft.core.state import ADAPTER_CONTAINER, DELTAS, PREFIX_HOST, PROMPT_HOST, get_stack
 from lightning_peft.errors import AdapterStateError, preview
 from lightning_peft.io.atomic import atomic_directory, sha256_file, write_json, write_tensors
 from lightning_peft.io.peft_import import (
@@ -292,13 +292,15 @@ def rename_set_keys(state: dict[str, Tensor], old: str, new: str) -> dict[str, T
     """``state`` with the keys of adapter set ``old`` renamed to set ``new``.
 
     A set's own tensors live in per-set containers (``<layer>.adapters.<set>.*``,
-    ``<module>.lightning_peft_adapter.<set>.*``, ``lightning_peft_prompts.sets.<set>.*``); only the set segment
+    ``<module>.lightning_peft_adapter.<set>.*``, ``lightning_peft_prompts.sets.<set>.*``, ``lightning_peft_prefixes.sets.<set>.*``); only the set segment
     right after one of those containers is renamed, so a base module that happens to share the set's name, and
     the tensors a set trains in place in the base (an unfrozen head, BitFit's biases), keep their keys.
     """
     if old == new:
         return dict(state)
-    containers = "|".join(re.escape(c) for c in (DELTAS, ADAPTER_CONTAINER, f"{PROMPT_HOST}.sets"))
+    containers = "|".join(
+        re.escape(c) for c in (DELTAS, ADAPTER_CONTAINER, f"{PROMPT_HOST}.sets", f"{PREFIX_HOST}.sets")
+    )
     pattern = re.compile(rf"(^|\.)({containers})\.{re.escape(old)}(\.|$)")
     return {pattern.sub(lambda m: f"{m[1]}{m[2]}.{new}{m[3]}", k): v for k, v in state.items()}
 

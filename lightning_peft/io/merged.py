@@ -32,7 +32,13 @@ from lightning_peft.core.layer import AdaptedLayer, merge_refusals
 from lightning_peft.core.state import get_stack
 from lightning_peft.errors import PeftConfigError
 from lightning_peft.io.atomic import atomic_directory, write_json, write_tensors
-from lightning_peft.io.peft_layout import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, hf_root, prompt_part_of
+from lightning_peft.io.peft_layout import (
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    hf_root,
+    prefix_part_of,
+    prompt_part_of,
+)
 from lightning_peft.methods.base import Level
 from lightning_peft.quantization.convert import keep_in_fp32_names
 from lightning_peft.quantization.merge import plain_layer
@@ -164,7 +170,8 @@ def merge_and_export(
     Low-rank and scaling deltas are folded into the weights; a 4-bit or 8-bit base is dequantized to full
     precision (``dtype``, by default the model's own float dtype). The folder loads with
     ``AutoModel...from_pretrained`` and no lightning_peft installed. Prompt strategies cannot be merged: they
-    are saved beside the model as a PEFT prompt adapter in ``prompt/`` (with a warning), which
+    are saved beside the model as a PEFT prompt adapter in ``prompt/`` (with a warning; a prefix as a
+    ``PREFIX_TUNING`` adapter there, a gated one is refused), which
     ``peft.PeftModel.from_pretrained(merged_model, dirpath + "/prompt")`` adds back. ``model`` itself is not
     changed.
 
@@ -193,9 +200,14 @@ def merge_and_export(
     if prompts:
         native = stack.adapter_state_dict()
         prompt_part = prompt_part_of(stack, root, hf_root(stack)[1], native)
+        if prompt_part is None:  # a prefix (PREFIX_TUNING) instead of virtual tokens
+            prompt_part, why = prefix_part_of(stack, root)
+            if why:
+                raise PeftConfigError(f"merge_and_export: {', '.join(prompts)} cannot be merged into the weights "
+                                      f"nor saved beside them: {why}; use save_adapters")
         warnings.warn(
-            f"merge_and_export: {', '.join(prompts)} adds virtual tokens and cannot be merged into the weights; it "
-            f"is saved as a PEFT prompt adapter in {PROMPT_SUBFOLDER}/ beside the merged model (load it with "
+            f"merge_and_export: {', '.join(prompts)} adds virtual tokens or key/value prefixes and cannot be merged "
+            f"into the weights; it is saved as a PEFT prompt-learning adapter in {PROMPT_SUBFOLDER}/ beside the merged model (load it with "
             "peft.PeftModel.from_pretrained(merged_model, <dirpath>/prompt))",
             stacklevel=2,
         )

@@ -240,7 +240,7 @@ def prompt_part_of(
 
 
 # -- prefix tuning ---------------------------------------------------------------------------------------------
-def _prefix_part(stack: PeftStack, root: nn.Module) -> tuple[PeftPart | None, str | None]:
+def prefix_part_of(stack: PeftStack, root: nn.Module) -> tuple[PeftPart | None, str | None]:
     """The stack's prefix as one PEFT ``PREFIX_TUNING`` adapter (its table, any MLP folded), or why it has none."""
     found = [(s, m) for s, a in zip(stack.strategies, stack.applied) if s.peft_part == PREFIX_PART for m in a.modules]
     if not found:
@@ -315,7 +315,7 @@ def build_peft_export(stack: PeftStack, native: dict[str, Tensor], uniform_rank:
     refusal = fold_refusal(_low_rank(stack)) or _conversion_refusal(stack)
     lora = None if refusal else _lora_part(stack, root, prefix, native, uniform_rank)
     add_magnitudes(lora, stack, prefix, native)
-    prefix_part, prefix_refusal = _prefix_part(stack, root)
+    prefix_part, prefix_refusal = prefix_part_of(stack, root)
     parts = [
         p
         for p in (
@@ -358,5 +358,6 @@ __all__ = [
     "PeftPart",
     "build_peft_export",
     "hf_root",
+    "prefix_part_of",
     "task_type",
 ]
