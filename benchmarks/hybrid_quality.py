@@ -39,7 +39,7 @@ from sst2_quality import PROMPT_LR, PROMPT_TEXT, ROOT, TARGETS, fit_and_score, r
 
 REGIMES = {"full": None, "k1000": 1000, "k500": 500, "k100": 100}
 #: each row's learning rate, chosen on the grid (``--grid``: K=1000, seed 0; see BENCHMARKS.md section 10)
-LR = {"full": 5e-5, "lora": 1e-3, "prefix": 1e-3, "adapter-parallel": 1e-3, "mam": 3e-4, "unipelt": 1e-3,
+LR = {"full": 5e-5, "lora": 3e-4, "prefix": 1e-3, "adapter-parallel": 1e-3, "mam": 3e-4, "unipelt": 1e-3,
       "stack": 1e-3}
 GRID = {"prefix": (1e-3, 3e-3, 1e-2)}  # prefixes usually want larger steps (Li & Liang 2021)
 GRID_DEFAULT = (3e-4, 1e-3, 3e-3)
@@ -173,11 +173,15 @@ def load(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+#: the learning rates of sst2_quality.py's rows
+ROWS_LR_SST2 = {"lora": 1e-3, "full": 5e-5}
+
+
 def with_sst2_runs(results: list[dict], path: pathlib.Path) -> list[dict]:
     """``results`` plus the full-data LoRA and full fine-tuning runs of ``sst2_quality.py`` (the same loop, model,
     seeds and learning rates) that this study has not rerun itself."""
     have = {(r["row"], int(r["seed"])) for r in results if r["regime"] == "full"}
-    extra = [{"row": r["row"], "regime": "full", "k": 67349, "seed": r["seed"], "lr": LR[r["row"]],
+    extra = [{"row": r["row"], "regime": "full", "k": 67349, "seed": r["seed"], "lr": ROWS_LR_SST2[r["row"]],
               "accuracy": r["accuracy"], "trainable": r["trainable"], "stored": r["trainable"],
               "train_s": r["train_s"], "steps": r["steps"], "source": "sst2_quality.csv"}
              for r in load(str(path)) if r["row"] in ("lora", "full") and r["who"] in ("ours", "-")
@@ -206,16 +210,22 @@ def report(results: list[dict], steps: int) -> str:
     results = [r for r in results if int(r["steps"]) == steps]
     out = []
     for regime in REGIMES:
-        cell = [r for r in results if r["regime"] == regime and float(r["lr"]) == LR.get(r["row"].split("-no-")[0])]
-        if not cell:
+        runs = [r for r in results if r["regime"] == regime]
+        for r in runs:  # a run at another learning rate than its row's (chosen) one shows as its own line
+            if float(r["lr"]) != LR[r["row"].split("-no-")[0]]:
+                r["name"] = f"{r['row']} (lr {float(r['lr']):g})"
+        names = {r.get("name", r["row"]) for r in runs}
+        # lines at another learning rate need 2 seeds (single grid runs are in the grid table)
+        cell = [r for r in runs if "name" not in r or sum(x.get("name") == r["name"] for x in runs) > 1]
+        if not cell or not names:
             continue
-        base = {int(r["seed"]): float(r["accuracy"]) for r in cell if r["row"] == "lora"}
+        base = {int(r["seed"]): float(r["accuracy"]) for r in cell if r.get("name", r["row"]) == "lora"}
         out += [f"\n### {regime}" + (f" (K = {cell[0]['k']})" if regime != "full" else ""), "",
                 "| row | lr | trainable | stored | SST-2 (mean ± std) | seeds | vs LoRA, paired (95% CI) | per seed |",
                 "|---|---:|---:|---:|---:|---:|---|---|"]
-        rows = list(dict.fromkeys(r["row"] for r in cell))
-        for row in sorted(rows, key=lambda x: (ROWS.index(x.split("-no-")[0]), x)):
-            by = {int(r["seed"]): r for r in cell if r["row"] == row}
+        rows = list(dict.fromkeys(r.get("name", r["row"]) for r in cell))
+        for row in sorted(rows, key=lambda x: (ROWS.index(x.split("-no-")[0].split(" ")[0]), x)):
+            by = {int(r["seed"]): r for r in cell if r.get("name", r["row"]) == row}
             acc = [float(by[s]["accuracy"]) for s in sorted(by)]
             std = f"{statistics.stdev(acc):.2f}" if len(acc) > 1 else "-"
             shared = [s for s in sorted(by) if s in base]

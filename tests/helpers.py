@@ -167,3 +167,20 @@ def straight_and_resumed(tmp_path, make_module, make_callbacks, data, epochs: in
     half, first = run(1, save_dir=os.path.join(str(tmp_path), "ck"))
     resumed, t = run(epochs, ckpt_path=first.checkpoint_callback.last_model_path)
     return straight, resumed, half, t
+
+
+def assert_mixed_rows_match(model, x: torch.Tensor, names: list[str]) -> None:
+    """A mixed-adapter batch (``adapter_names=names``) gives each row what its own set (``"__base__"``: none) gives
+    that row alone."""
+    from lightning_peft import activate, disable_adapters
+
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with disable_adapters(model):
+                    row = model(input_ids=x[i : i + 1]).logits
+            else:
+                activate(model, name)
+                row = model(input_ids=x[i : i + 1]).logits
+            torch.testing.assert_close(mixed[i : i + 1], row, rtol=0, atol=1e-5)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from helpers import tiny_llama, token_batch
+from helpers import assert_mixed_rows_match, tiny_llama, token_batch
 
 from lightning_peft import (
     IA3,
@@ -192,23 +192,12 @@ def test_loraplus_keeps_the_gate_out_of_the_b_group():
 
 
 def test_mixed_batch_with_gated_sets():
-    from lightning_peft import activate, disable_adapters
-
     model = tiny_llama()
     for name, seed in (("default", 1), ("b", 2)):
         randomize(apply_peft(model, [gated_lora()], name=name), seed)
     names = ["b", "__base__", "default", "b"]
     x = token_batch(4, 8)
-    with torch.no_grad():
-        mixed = model(input_ids=x, adapter_names=names).logits
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with disable_adapters(model):
-                    row = model(input_ids=x[i : i + 1]).logits
-            else:
-                activate(model, name)
-                row = model(input_ids=x[i : i + 1]).logits
-            torch.testing.assert_close(mixed[i : i + 1], row, rtol=0, atol=1e-5)
+    assert_mixed_rows_match(model, x, names)
 
 
 def test_nf4_backbone_with_gated_lora_and_parallel_adapter_forward_backward():

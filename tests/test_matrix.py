@@ -22,9 +22,9 @@ import torch
 
 from lightning_peft import (
     IA3,
+    MAM,
     AdaLoRA,
     Adapter,
-    MAM,
     LoRA,
     PeftConfigError,
     PrefixTuning,

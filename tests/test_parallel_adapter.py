@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_batch
+from helpers import assert_mixed_rows_match, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, token_batch
 from torch import nn
 
 from lightning_peft import Adapter, PeftConfigError, apply_peft, load_adapters, save_adapters
@@ -177,24 +177,13 @@ def test_parallel_on_square_linear_reads_its_input():
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_llama])
 def test_mixed_batch_rows_equal_their_own_forward(make):
-    from lightning_peft import activate, disable_adapters
-
     model = make()
     for name, seed in (("default", 1), ("b", 2)):
         randomize(apply_peft(model, [Adapter(bottleneck=4, placement="parallel", scaling="learned", gate=True)],
                              name=name), seed)
     names = ["default", "__base__", "b", "default"]
     x = token_batch(4, 8)
-    with torch.no_grad():
-        mixed = model(input_ids=x, adapter_names=names).logits
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with disable_adapters(model):
-                    row = model(input_ids=x[i : i + 1]).logits
-            else:
-                activate(model, name)
-                row = model(input_ids=x[i : i + 1]).logits
-            torch.testing.assert_close(mixed[i : i + 1], row, rtol=0, atol=1e-5)
+    assert_mixed_rows_match(model, x, names)
 
 
 def test_save_load_and_rename_round_trip(tmp_path):

@@ -124,6 +124,16 @@ def position_limit(model: nn.Module) -> tuple[int | None, bool]:
     return limit, absolute
 
 
+def applied_target(model: nn.Module, applied: Any) -> nn.Module | None:
+    """The module an input-level strategy attached its host to (``applied.extra["target"]``, ``""``: ``model``), or
+    ``None`` when it is gone from ``model``."""
+    name = applied.extra.get("target", "")
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        return None
+
+
 def get_host(target: nn.Module) -> PromptHost | None:
     host = target._modules.get(HOST_ATTR)
     return host if isinstance(host, PromptHost) else None

@@ -38,7 +38,12 @@ from lightning_peft.methods.base import (
     register_strategy,
 )
 from lightning_peft.methods.peft_protocol import PREFIX_PART, PrefixTable, refuse_options, take
-from lightning_peft.methods.prompt.host import find_prompt_target, input_embeddings, position_limit
+from lightning_peft.methods.prompt.host import (
+    applied_target,
+    find_prompt_target,
+    input_embeddings,
+    position_limit,
+)
 from lightning_peft.methods.prompt.prefix_host import (
     PrefixHost,
     PrefixPlan,
@@ -263,12 +268,8 @@ class PrefixTuning(Strategy):
         return Applied(modules=[encoder], targets=[plan.target_name], extra={"target": plan.target_name})
 
     def remove(self, model: nn.Module, applied: Applied, ctx: ApplyContext) -> None:
-        name = applied.extra.get("target", "")
-        try:
-            target = model.get_submodule(name) if name else model
-        except AttributeError:
-            return
-        host = get_prefix_host(target)
+        target = applied_target(model, applied)
+        host = get_prefix_host(target) if target is not None else None
         if host is not None:
             host.remove_encoder(target, ctx.set_name, self.name)
 

@@ -27,6 +27,7 @@ from lightning_peft.methods.peft_protocol import PROMPT_PART, check_shape, refus
 from lightning_peft.methods.prompt.host import (
     PromptHost,
     PromptProvider,
+    applied_target,
     find_prompt_target,
     get_host,
     input_embeddings,
@@ -110,12 +111,8 @@ class PromptStrategy(Strategy):
         return Applied(modules=[provider], targets=[plan.target_name], extra={"target": plan.target_name})
 
     def remove(self, model: nn.Module, applied: Applied, ctx: ApplyContext) -> None:
-        name = applied.extra.get("target", "")
-        try:
-            target = model.get_submodule(name) if name else model
-        except AttributeError:
-            return
-        host = get_host(target)
+        target = applied_target(model, applied)
+        host = get_host(target) if target is not None else None
         if host is not None:
             host.remove_provider(target, ctx.set_name, self.name)
 
