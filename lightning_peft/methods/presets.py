@@ -47,8 +47,9 @@ def MAM(
         scaling: the parallel adapter's fixed scale, or ``"learned"``.
 
     Example:
-        >>> [s.name for s in MAM()]
-        ['prefix_tuning', 'adapter']
+        >>> prefix, adapter = MAM()
+        >>> adapter.placement, adapter.scaling
+        ('parallel', 4.0)
     """
     return [
         PrefixTuning(num_virtual_tokens=num_virtual_tokens, projection=projection),
@@ -71,14 +72,17 @@ def UniPELT(
     sigmoid gate on each piece's contribution (a function of the sublayer's input).
 
     Args:
-        r, alpha: LoRA's rank and scale numerator.
+        r: LoRA's rank.
+        alpha: LoRA's scale numerator (the update is scaled by ``alpha / r``).
         lora_targets: LoRA's targets; default: the query and value projections (:data:`QUERY_VALUE`).
-        num_virtual_tokens, projection: the prefix length and its reparameterization width (``None``: none).
+        num_virtual_tokens: the prefix length per attention layer.
+        projection: the width of the prefix reparameterization MLP (``None``: the prefixes are learned directly).
         bottleneck: the adapter's width.
 
     Example:
-        >>> [(s.name, s.gate) for s in UniPELT()]
-        [('lora', True), ('prefix_tuning', True), ('adapter', True)]
+        >>> lora, prefix, adapter = UniPELT()
+        >>> lora.gate and prefix.gate and adapter.gate
+        True
     """
     return [
         Gated(LoRA(r=r, alpha=alpha, target_modules=list(lora_targets or QUERY_VALUE))),
