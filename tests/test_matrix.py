@@ -395,7 +395,7 @@ APPLY_TIME = ("DoRA, the PiSSA and LoftQ inits", "LoftQ fits the adapter")
 def refused(cell: Cell, tmp_path, reason: str) -> None:
     """The PeftConfigError comes before anything is written or changed."""
     (pattern,) = [v for k, v in REFUSAL_ERRORS.items() if reason.startswith(k)]
-    if cell.operation == "mixed-batch":  # refused when the batch is routed, before any layer runs
+    if cell.operation == "mixed-batch" and not reason.startswith(APPLY_TIME):  # refused when the batch is routed
         model, _ = build(cell)
         apply_peft(model, strategies(cell), quantize=QUANT.get(cell.base), name="b")
         if cell.precision == "bf16-true":
