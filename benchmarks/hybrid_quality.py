@@ -14,7 +14,7 @@ t-interval (a row beats LoRA only when the interval excludes zero). Each run is 
     python benchmarks/hybrid_quality.py --regime k500 --rows lora unipelt mam --seeds 0 1 2 3 4
     python benchmarks/hybrid_quality.py --grid                 # each row at 3 learning rates, K=1000, seed 0
     python benchmarks/hybrid_quality.py --ablation unipelt --regime k500 --seeds 0 1 2 3 4
-    python benchmarks/hybrid_quality.py --report               # the tables, from the CSV
+    python benchmarks/hybrid_quality.py --report               # the tables, from the CSV (--report-seeds 5: seeds 0-4)
     python benchmarks/hybrid_quality.py --speed                # step time and peak memory of each row against LoRA
     python benchmarks/hybrid_quality.py --smoke                # a few steps of every row (CI)
 
@@ -210,7 +210,7 @@ def report(results: list[dict], steps: int) -> str:
     results = [r for r in results if int(r["steps"]) == steps]
     out = []
     for regime in REGIMES:
-        runs = [r for r in results if r["regime"] == regime]
+        runs = [r for r in results if r["regime"] == regime and "-no-" not in r["row"]]  # ablations: below
         for r in runs:  # a run at another learning rate than its row's (chosen) one shows as its own line
             if float(r["lr"]) != LR[r["row"].split("-no-")[0]]:
                 r["name"] = f"{r['row']} (lr {float(r['lr']):g})"
@@ -237,6 +237,26 @@ def report(results: list[dict], steps: int) -> str:
             seeds = ", ".join(f"{s}: {float(by[s]['accuracy']):.2f}" for s in sorted(by))
             out.append(f"| {row} | {float(first['lr']):g} | {int(first['trainable']):,} | {int(first['stored']):,} | "
                        f"{statistics.mean(acc):.2f} ± {std} | {len(acc)} | {vs} | {seeds} |")
+    for preset in PIECES:  # the ablation: what dropping each piece costs, paired against the whole preset
+        for regime in REGIMES:
+            whole = {int(r["seed"]): float(r["accuracy"]) for r in results
+                     if r["row"] == preset and r["regime"] == regime and float(r["lr"]) == LR[preset]}
+            parts = [r for r in results if r["row"].startswith(f"{preset}-no-") and r["regime"] == regime]
+            if not parts or not whole:
+                continue
+            out += [f"\n### ablation of {preset} ({regime}): the cost of dropping each piece", "",
+                    "| without | stored | SST-2 (mean) | seeds | vs the whole preset, paired (95% CI) |",
+                    "|---|---:|---:|---:|---|"]
+            for piece in PIECES[preset]:
+                by = {int(r["seed"]): r for r in parts if r["row"] == f"{preset}-no-{piece}"}
+                shared = [k for k in sorted(by) if k in whole]
+                if not shared:
+                    continue
+                m, lo, hi = paired([float(by[k]["accuracy"]) - whole[k] for k in shared])
+                ci = f" [{lo:+.2f}, {hi:+.2f}]" if not math.isnan(lo) else ""
+                mean = statistics.mean(float(by[k]["accuracy"]) for k in shared)
+                out.append(f"| {piece} | {int(by[shared[0]]['stored']):,} | {mean:.2f} | {len(shared)} | "
+                           f"{m:+.2f}{ci} |")
     grid = [r for r in results if r["regime"] == "k1000" and int(r["seed"]) == 0]
     if grid:
         out += ["\n### learning-rate grid (K = 1000, seed 0)", "", "| row | lr | SST-2 |", "|---|---:|---:|"]
@@ -264,12 +284,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hybrid_quality.csv"))
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--report", action="store_true", help="only print the tables of every run in --out")
+    ap.add_argument("--report-seeds", type=int, default=None, help="--report: only seeds below this")
     ap.add_argument("--speed", action="store_true", help="step time and peak memory of each row against LoRA")
     ap.add_argument("--repeats", type=int, default=10, help="--speed: timed steps per row")
     args = ap.parse_args()
     if args.report:
-        print(report(with_sst2_runs(load(args.out), ROOT / "benchmarks" / "results" / "sst2_quality.csv"),
-                     args.steps))
+        runs = with_sst2_runs(load(args.out), ROOT / "benchmarks" / "results" / "sst2_quality.csv")
+        if args.report_seeds is not None:
+            runs = [r for r in runs if int(r["seed"]) < args.report_seeds]
+        print(report(runs, args.steps))
         return
     rows = args.rows or [r for r in ROWS if r != "full" or args.regime == "full"]
     unknown = sorted(r for r in rows if r.split("-no-")[0] not in LR)
