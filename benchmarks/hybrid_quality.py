@@ -180,12 +180,12 @@ ROWS_LR_SST2 = {"lora": 1e-3, "full": 5e-5}
 def with_sst2_runs(results: list[dict], path: pathlib.Path) -> list[dict]:
     """``results`` plus the full-data LoRA and full fine-tuning runs of ``sst2_quality.py`` (the same loop, model,
     seeds and learning rates) that this study has not rerun itself."""
-    have = {(r["row"], int(r["seed"])) for r in results if r["regime"] == "full"}
+    have = {(r["row"], int(r["seed"]), float(r["lr"])) for r in results if r["regime"] == "full"}
     extra = [{"row": r["row"], "regime": "full", "k": 67349, "seed": r["seed"], "lr": ROWS_LR_SST2[r["row"]],
               "accuracy": r["accuracy"], "trainable": r["trainable"], "stored": r["trainable"],
               "train_s": r["train_s"], "steps": r["steps"], "source": "sst2_quality.csv"}
              for r in load(str(path)) if r["row"] in ("lora", "full") and r["who"] in ("ours", "-")
-             and (r["row"], int(r["seed"])) not in have]
+             and (r["row"], int(r["seed"]), ROWS_LR_SST2[r["row"]]) not in have]
     return results + extra
 
 
