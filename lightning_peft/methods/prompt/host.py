@@ -38,7 +38,7 @@ from __future__ import annotations
 import inspect
 import re
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -149,20 +149,61 @@ def _cache_length(cache: Any) -> int:
     return 0
 
 
-class PromptHost(nn.Module):
+class HookedSets(nn.Module):
+    """What both input-level hosts keep the same way: their modules per adapter set (``sets[set_name][strategy]``),
+    their hook handles, and detaching from the model (hooks removed, the attribute ``attr`` deleted) once the last
+    module is gone, so the model is as before."""
+
+    attr: ClassVar[str] = ""
+    #: what the host feeds the model, for errors ("prompts", "prefixes")
+    feeds: ClassVar[str] = ""
+
+    def __init__(self, state: AdapterState) -> None:
+        super().__init__()
+        self.sets = nn.ModuleDict()
+        self._state = state
+        self._handles: list[Any] = []
+
+    def check_state(self, target: nn.Module, state: AdapterState) -> None:
+        if self._state is not state:
+            raise PeftConfigError(
+                f"{type(target).__name__} already takes {self.feeds} from stacks applied to another model object (e.g. "
+                "the LightningModule vs the model it wraps); apply every stack to the same model"
+            )
+
+    def add(self, set_name: str, key: str, module: nn.Module) -> None:
+        if set_name not in self.sets:
+            self.sets[set_name] = nn.ModuleDict()
+        self.sets[set_name][key] = module
+
+    def discard(self, target: nn.Module, set_name: str, key: str) -> None:
+        """Drop one module; with the last one gone, remove the hooks and detach from ``target``."""
+        if set_name in self.sets and key in self.sets[set_name]:
+            del self.sets[set_name][key]
+            if len(self.sets[set_name]) == 0:
+                del self.sets[set_name]
+        if len(self.sets) == 0:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            if target._modules.get(self.attr) is self:
+                del target._modules[self.attr]
+
+
+class PromptHost(HookedSets):
     """Holds every prompt provider of one model (``sets[set_name][strategy_name]``) and the hooks that use them.
 
     It is attached to the prompted model as ``lightning_peft_prompts``, so the providers' parameters are in the
     model's ``state_dict``; it is detached (hooks removed, attribute deleted) when its last provider goes.
     """
 
+    attr = HOST_ATTR
+    feeds = "prompts"
+
     def __init__(self, target: nn.Module, state: AdapterState) -> None:
-        super().__init__()
-        self.sets = nn.ModuleDict()
-        self._state = state
+        super().__init__(state)
         self.is_encoder_decoder = bool(getattr(getattr(target, "config", None), "is_encoder_decoder", False))
         self._pending: dict[int, tuple[weakref.ref, int, int | None]] = {}
-        self._handles: list[Any] = []
         self._signatures: dict[type, list[str]] = {}
         self._accepts: dict[tuple[type, str], bool] = {}
         self.limit, self.absolute = position_limit(target)
@@ -181,30 +222,13 @@ class PromptHost(nn.Module):
         if host is None:
             host = cls(target, state)
             target.add_module(HOST_ATTR, host)
-        elif host._state is not state:
-            raise PeftConfigError(
-                f"{type(target).__name__} already takes prompts from stacks applied to another model object (e.g. "
-                "the LightningModule vs the model it wraps); apply every stack to the same model"
-            )
+        else:
+            host.check_state(target, state)
         return host
-
-    def add(self, set_name: str, key: str, provider: PromptProvider) -> None:
-        if set_name not in self.sets:
-            self.sets[set_name] = nn.ModuleDict()
-        self.sets[set_name][key] = provider
 
     def remove_provider(self, target: nn.Module, set_name: str, key: str) -> None:
         """Drop one provider; with the last one gone, remove the hooks and the host (the model is as before)."""
-        if set_name in self.sets and key in self.sets[set_name]:
-            del self.sets[set_name][key]
-            if len(self.sets[set_name]) == 0:
-                del self.sets[set_name]
-        if len(self.sets) == 0:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
-            if target._modules.get(HOST_ATTR) is self:
-                del target._modules[HOST_ATTR]
+        self.discard(target, set_name, key)
 
     def num_virtual_tokens(self, set_name: str) -> int:
         return sum(p.num_virtual_tokens for p in self.sets[set_name].values()) if set_name in self.sets else 0

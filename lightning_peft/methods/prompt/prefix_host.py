@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from lightning_peft.core.state import PREFIX_HOST, AdapterState
 from lightning_peft.errors import PeftConfigError
 from lightning_peft.methods.peft_protocol import PROMPT_PART
-from lightning_peft.methods.prompt.host import input_embeddings, position_limit
+from lightning_peft.methods.prompt.host import HookedSets, input_embeddings, position_limit
 
 if TYPE_CHECKING:
     from lightning_peft.methods.prompt.prefix import PrefixEncoder, PrefixGeometry
@@ -112,17 +112,18 @@ class _Call:
     done: set[int] = field(default_factory=set)
 
 
-class PrefixHost(nn.Module):
+class PrefixHost(HookedSets):
     """Holds the prefix encoder of each adapter set of one model (``sets[set_name][strategy_name]``) and the hooks.
 
     Attached to the model as ``lightning_peft_prefixes``; detached (hooks removed, attribute deleted) with its last
     encoder.
     """
 
+    attr = PREFIX_HOST
+    feeds = "prefixes"
+
     def __init__(self, target: nn.Module, state: AdapterState, plan: PrefixPlan) -> None:
-        super().__init__()
-        self.sets = nn.ModuleDict()
-        self._state = state
+        super().__init__(state)
         self.cache_key = plan.cache_key
         self.backbone_name = plan.backbone_name
         self.limit, self.absolute = position_limit(target)
@@ -140,11 +141,8 @@ class PrefixHost(nn.Module):
         if host is None:
             host = cls(target, state, plan)
             target.add_module(PREFIX_HOST, host)
-        elif host._state is not state:
-            raise PeftConfigError(
-                f"{type(target).__name__} already takes prefixes from stacks applied to another model object (e.g. "
-                "the LightningModule vs the model it wraps); apply every stack to the same model"
-            )
+        else:
+            host.check_state(target, state)
         if plan.attention and not host._gate_handles:
             backbone = target.get_submodule(plan.backbone_name) if plan.backbone_name else target
             for name in plan.attention.values():
@@ -152,26 +150,13 @@ class PrefixHost(nn.Module):
                 host._gate_handles.append(module.register_forward_pre_hook(host._gate_hook, with_kwargs=True))
         return host
 
-    def add(self, set_name: str, key: str, encoder: PrefixEncoder) -> None:
-        if set_name not in self.sets:
-            self.sets[set_name] = nn.ModuleDict()
-        self.sets[set_name][key] = encoder
-
     def remove_encoder(self, target: nn.Module, set_name: str, key: str) -> None:
-        if set_name in self.sets and key in self.sets[set_name]:
-            del self.sets[set_name][key]
-            if len(self.sets[set_name]) == 0:
-                del self.sets[set_name]
+        """Drop one encoder (the gate hooks go with the last gated one, the host with the last one)."""
+        self.discard(target, set_name, key)
         if not any(e.gates is not None for s in self.sets.values() for e in s.values()):
             for handle in self._gate_handles:
                 handle.remove()
             self._gate_handles = []
-        if len(self.sets) == 0:
-            for handle in self._handles:
-                handle.remove()
-            self._handles = []
-            if target._modules.get(PREFIX_HOST) is self:
-                del target._modules[PREFIX_HOST]
 
     def _active(self) -> PrefixEncoder | None:
         # a mixed-adapter batch never holds a prefix set (stack/mixed.py refuses them), so routed rows get none
