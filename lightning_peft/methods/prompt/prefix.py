@@ -38,8 +38,8 @@ from lightning_peft.methods.base import (
     register_strategy,
 )
 from lightning_peft.methods.peft_protocol import PREFIX_PART, PrefixTable, refuse_options, take
+from lightning_peft.methods.prompt.hooked import applied_target
 from lightning_peft.methods.prompt.host import (
-    applied_target,
     find_prompt_target,
     input_embeddings,
     position_limit,

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from lightning_peft.core.state import PREFIX_HOST, AdapterState
 from lightning_peft.errors import PeftConfigError
 from lightning_peft.methods.peft_protocol import PROMPT_PART
-from lightning_peft.methods.prompt.host import HookedSets, input_embeddings, position_limit
+from lightning_peft.methods.prompt.hooked import HookedSets
+from lightning_peft.methods.prompt.host import input_embeddings, position_limit
 
 if TYPE_CHECKING:
     from lightning_peft.methods.prompt.prefix import PrefixEncoder, PrefixGeometry

@@ -24,10 +24,10 @@ from lightning_peft.methods.base import (
     register_strategy,
 )
 from lightning_peft.methods.peft_protocol import PROMPT_PART, check_shape, refuse_options, take
+from lightning_peft.methods.prompt.hooked import applied_target
 from lightning_peft.methods.prompt.host import (
     PromptHost,
     PromptProvider,
-    applied_target,
     find_prompt_target,
     get_host,
     input_embeddings,
